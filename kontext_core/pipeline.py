@@ -1,0 +1,177 @@
+"""The standalone edit API: context image(s) + text embeddings -> edited image and latent.
+
+    result = edit(transformer, ae, images=[img], prompt_embeds=t5, pooled_prompt_embeds=clip, seed=0)
+    result.images[0].save("out.png")
+    again = edit(transformer, ae, latents=[result.latent], ...)   # edit chains stay in latent space
+
+Text encoding is outside the engine (ComfyUI's CLIP nodes, or any T5-XXL + CLIP-L encoder).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from . import images as im
+from . import tokens as tok
+from .errors import InputError
+from .model.flux import Flux
+from .sampling.schedule import flux_sigmas
+from .sampling.solvers import get_solver
+
+
+@dataclass
+class EditResult:
+    latent: Tensor  # (B, 16, h, w) in the model's latent space (scaled and shifted); feed it back for chains
+    images: list[Image.Image] = field(default_factory=list)
+    pixels: Tensor | None = None  # (B, 3, H, W) in [-1, 1]
+    sigmas: Tensor | None = None
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def make_noise(shape: Sequence[int], seed: int) -> Tensor:
+    """Gaussian noise from a CPU generator: the same seed gives the same image on every device."""
+    g = torch.Generator("cpu").manual_seed(int(seed))
+    return torch.randn(tuple(shape), generator=g, dtype=torch.float32)
+
+
+def encode_images(ae, images: Sequence, mode: str = "stretch", size: tuple[int, int] | None = None,
+                  device=None, dtype=None) -> list[Tensor]:
+    """Context images -> latents (each at its own Kontext bucket unless `size` is given)."""
+    out = []
+    for img in images:
+        x = im.prepare_image(img, mode, size)
+        p = next(ae.parameters())
+        x = x.to(device=device or p.device, dtype=dtype or p.dtype)
+        with torch.no_grad():
+            out.append(ae.encode(x).float())
+    return out
+
+
+def make_velocity(transformer: Flux, context: Tensor, pooled: Tensor, guidance: float,
+                  references: Sequence[Tensor], layout: str, negative: tuple[Tensor, Tensor] | None = None,
+                  true_cfg: float = 1.0) -> Callable[[Tensor, float], Tensor]:
+    """v(x, t) for the solver: the DiT on [target ‖ context] tokens, optionally with true CFG."""
+    def run(x: Tensor, t: float, ctx: Tensor, vec: Tensor) -> Tensor:
+        b = x.shape[0]
+        ts = torch.full((b,), t, device=x.device, dtype=x.dtype)
+        g = torch.full((b,), guidance, device=x.device, dtype=x.dtype)
+        return transformer.forward_latent(x, ts, ctx.expand(b, -1, -1), vec.expand(b, -1), g, references, layout)
+
+    def velocity(x: Tensor, t: float) -> Tensor:
+        v = run(x, t, context, pooled)
+        if negative is not None and true_cfg != 1.0:
+            v_neg = run(x, t, *negative)
+            v = v_neg + true_cfg * (v - v_neg)
+        return v
+
+    return velocity
+
+
+@torch.no_grad()
+def sample(transformer: Flux, *, prompt_embeds: Tensor, pooled_prompt_embeds: Tensor,
+           references: Sequence[Tensor] = (), size_latent: tuple[int, int] | None = None,
+           steps: int = 28, guidance: float = 2.5, seed: int = 0, noise: Tensor | None = None,
+           layout: str = "offset", solver: str = "euler", denoise: float = 1.0, init_latent: Tensor | None = None,
+           negative_prompt_embeds: Tensor | None = None, negative_pooled_prompt_embeds: Tensor | None = None,
+           true_cfg: float = 1.0, shift: bool = True, sigmas: Tensor | None = None,
+           device=None, dtype=None, callback=None) -> tuple[Tensor, Tensor]:
+    """Latent-space sampling. Returns (latent (B,16,h,w) float32, sigmas used)."""
+    device = torch.device(device) if device is not None else model_device(transformer)
+    dtype = dtype or default_dtype(device)
+    if prompt_embeds.ndim != 3 or pooled_prompt_embeds.ndim != 2:
+        raise InputError(f"prompt_embeds must be (B, L, C) and pooled_prompt_embeds (B, P); got "
+                         f"{tuple(prompt_embeds.shape)} and {tuple(pooled_prompt_embeds.shape)}")
+    refs = [r.to(device=device, dtype=dtype) for r in references]
+    if size_latent is None:
+        if noise is not None:
+            size_latent = tuple(noise.shape[-2:])
+        elif init_latent is not None:
+            size_latent = tuple(init_latent.shape[-2:])
+        elif refs:
+            size_latent = tuple(refs[0].shape[-2:])
+        else:
+            raise InputError("no output size: give size, noise, an init latent, or at least one context image")
+    h, w = size_latent
+    batch = max(prompt_embeds.shape[0], 1 if noise is None else noise.shape[0])
+    if noise is None:
+        noise = make_noise((batch, 16, h, w), seed)
+    if tuple(noise.shape[-2:]) != (h, w):
+        raise InputError(f"noise has latent size {tuple(noise.shape[-2:])}, expected {(h, w)}")
+    n_target = (-(-h // 2)) * (-(-w // 2))
+    if sigmas is None:
+        sigmas = flux_sigmas(steps, n_target, shift=shift, denoise=denoise)
+    x = noise.to(device=device, dtype=torch.float32)
+    if float(sigmas[0]) < 1.0:
+        if init_latent is None:
+            raise InputError(f"denoise={denoise} starts from a partly noised input: pass init_latent")
+        if tuple(init_latent.shape[-2:]) != (h, w):
+            raise InputError(f"init latent has size {tuple(init_latent.shape[-2:])}, output is {(h, w)}")
+        s0 = float(sigmas[0])
+        x = s0 * x + (1.0 - s0) * init_latent.to(device=device, dtype=torch.float32)
+    negative = None
+    if true_cfg != 1.0:
+        if negative_prompt_embeds is None or negative_pooled_prompt_embeds is None:
+            raise InputError("true_cfg != 1 needs negative_prompt_embeds and negative_pooled_prompt_embeds")
+        negative = (negative_prompt_embeds.to(device, dtype), negative_pooled_prompt_embeds.to(device, dtype))
+    velocity_dtype = make_velocity(transformer, prompt_embeds.to(device, dtype), pooled_prompt_embeds.to(device, dtype),
+                                   guidance, refs, layout, negative, true_cfg)
+
+    def velocity(xf: Tensor, t: float) -> Tensor:
+        # The state is integrated in fp32; the DiT runs in the compute dtype.
+        return velocity_dtype(xf.to(dtype), t).float()
+
+    step_cb = None
+    if callback is not None:
+        def step_cb(i, xi, x0):
+            callback(i, len(sigmas) - 1, xi, x0)
+    x = get_solver(solver)(velocity, x, sigmas, step_cb)
+    return x, sigmas
+
+
+@torch.no_grad()
+def edit(transformer: Flux, ae=None, *, images: Sequence = (), latents: Sequence[Tensor] = (),
+         prompt_embeds: Tensor, pooled_prompt_embeds: Tensor, size: tuple[int, int] | None = None,
+         resize: str = "stretch", decode: bool = True, **sample_kwargs) -> EditResult:
+    """Edit with one or more context images (PIL / tensors in [0, 1]) and/or context latents.
+
+    size: output (width, height) in pixels, snapped down to multiples of 16; default: the first context's size
+    (its Kontext bucket for images with resize='stretch'|'crop'|'pad', or its own size snapped to 16 for 'keep').
+    Other keyword arguments go to `sample` (steps, guidance, seed, noise, layout, solver, denoise, init_latent,
+    negative_*, true_cfg, device, dtype, callback).
+    """
+    refs: list[Tensor] = []
+    if images:
+        if ae is None:
+            raise InputError("context images need the autoencoder (ae) to be encoded")
+        refs += encode_images(ae, images, resize)
+    refs += [r if r.ndim == 4 else r.unsqueeze(0) for r in latents]
+    size_latent = None
+    if size is not None:
+        w, h = im.snap16(*size)
+        size_latent = (h // 8, w // 8)
+    x, sigmas = sample(transformer, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+                       references=refs, size_latent=size_latent, **sample_kwargs)
+    result = EditResult(latent=x, sigmas=sigmas)
+    if decode:
+        if ae is None:
+            raise InputError("decoding needs the autoencoder (ae); pass decode=False for latents only")
+        p = next(ae.parameters())
+        pixels = ae.decode(x.to(device=p.device, dtype=p.dtype)).float()
+        result.pixels = pixels
+        result.images = im.tensor_to_pil(pixels)
+    return result

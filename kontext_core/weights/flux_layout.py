@@ -1,0 +1,218 @@
+"""Transformer checkpoint layouts: detection, prefix stripping, diffusers -> BFL keys, architecture from shapes.
+
+The engine's canonical layout is BFL's (`double_blocks.0.img_attn.qkv.weight` …). Detection looks only at keys
+and shapes, never at file names.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+from ..errors import CheckpointError
+from ..model.flux import FluxParams
+
+# Prefixes under which the transformer appears in files people download.
+TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "model.")
+
+# Keys that identify other model types, for a helpful "wrong file" message.
+_OTHER_MODELS = [
+    ("encoder.conv_in.weight", "an autoencoder (VAE) — load it with the VAE loader"),
+    ("decoder.conv_in.weight", "an autoencoder (VAE) — load it with the VAE loader"),
+    ("encoder.block.0.layer.0.SelfAttention.q.weight", "a T5 text encoder — load it with a CLIP/text-encoder loader"),
+    ("text_model.embeddings.token_embedding.weight", "a CLIP text encoder — load it with a CLIP/text-encoder loader"),
+    ("input_blocks.0.0.weight", "a UNet (Stable Diffusion 1.x/2.x/XL), not a FLUX transformer"),
+    ("joint_blocks.0.x_block.attn.qkv.weight", "an SD3 MMDiT, not a FLUX transformer"),
+]
+
+
+def describe_keys(keys, n: int = 5) -> str:
+    keys = sorted(keys)
+    more = f" … (+{len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def strip_transformer_prefix(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Select the transformer's tensors from a bare, ComfyUI-prefixed or bundled checkpoint."""
+    for prefix in TRANSFORMER_PREFIXES:
+        marker_bfl = prefix + "img_in.weight"
+        marker_diff = prefix + "x_embedder.weight"
+        if marker_bfl in sd or marker_diff in sd:
+            n = len(prefix)
+            return {k[n:]: v for k, v in sd.items() if k.startswith(prefix)}
+    return dict(sd)
+
+
+def detect_layout(sd: Mapping[str, Tensor]) -> str:
+    """'bfl' or 'diffusers' for a prefix-stripped state dict; CheckpointError for anything else."""
+    if "img_in.weight" in sd and any(k.startswith("double_blocks.") for k in sd):
+        return "bfl"
+    if "x_embedder.weight" in sd and any(k.startswith("transformer_blocks.") for k in sd):
+        return "diffusers"
+    for key, what in _OTHER_MODELS:
+        if any(k.endswith(key) for k in sd):
+            raise CheckpointError(f"this file is {what}. Expected a FLUX.1 Kontext transformer "
+                                  "(e.g. flux1-kontext-dev.safetensors).")
+    raise CheckpointError(
+        "not a FLUX transformer: expected keys like 'double_blocks.0.img_attn.qkv.weight' (BFL / ComfyUI) or "
+        f"'transformer_blocks.0.attn.to_q.weight' (diffusers); found {describe_keys(sd.keys())}.")
+
+
+def _swap_halves(t: Tensor) -> Tensor:
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+_DIFFUSERS_DIRECT = {
+    "x_embedder": "img_in",
+    "context_embedder": "txt_in",
+    "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+    "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+    "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+    "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+    "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+    "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+    "proj_out": "final_layer.linear",
+}
+_DOUBLE_DIRECT = {
+    "norm1.linear": "img_mod.lin",
+    "norm1_context.linear": "txt_mod.lin",
+    "attn.to_out.0": "img_attn.proj",
+    "attn.to_add_out": "txt_attn.proj",
+    "ff.net.0.proj": "img_mlp.0",
+    "ff.net.2": "img_mlp.2",
+    "ff_context.net.0.proj": "txt_mlp.0",
+    "ff_context.net.2": "txt_mlp.2",
+}
+_DOUBLE_NORMS = {
+    "attn.norm_q.weight": "img_attn.norm.query_norm.scale",
+    "attn.norm_k.weight": "img_attn.norm.key_norm.scale",
+    "attn.norm_added_q.weight": "txt_attn.norm.query_norm.scale",
+    "attn.norm_added_k.weight": "txt_attn.norm.key_norm.scale",
+}
+
+
+def diffusers_to_bfl(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Convert a diffusers `FluxTransformer2DModel` state dict to BFL keys (fusing q/k/v as BFL stores them)."""
+    src = dict(sd)
+    out: dict[str, Tensor] = {}
+
+    def take(key: str) -> Tensor:
+        try:
+            return src.pop(key)
+        except KeyError:
+            raise CheckpointError(f"diffusers transformer is missing '{key}'") from None
+
+    def fuse(dst: str, parts: list[str]):
+        for suffix in ("weight", "bias"):
+            keys = [f"{p}.{suffix}" for p in parts]
+            present = [k in src for k in keys]
+            if all(present):
+                out[f"{dst}.{suffix}"] = torch.cat([take(k) for k in keys], dim=0)
+            elif any(present):
+                raise CheckpointError(f"diffusers transformer has only some of {keys}")
+
+    for d, b in _DIFFUSERS_DIRECT.items():
+        for suffix in ("weight", "bias"):
+            if f"{d}.{suffix}" in src:
+                out[f"{b}.{suffix}"] = take(f"{d}.{suffix}")
+    # diffusers stores the final adaLN as (scale, shift); BFL as (shift, scale).
+    for suffix in ("weight", "bias"):
+        if f"norm_out.linear.{suffix}" in src:
+            out[f"final_layer.adaLN_modulation.1.{suffix}"] = _swap_halves(take(f"norm_out.linear.{suffix}"))
+
+    blocks = sorted({int(m.group(1)) for k in src if (m := re.match(r"transformer_blocks\.(\d+)\.", k))})
+    for i in blocks:
+        s, d = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        fuse(d + "img_attn.qkv", [s + "attn.to_q", s + "attn.to_k", s + "attn.to_v"])
+        fuse(d + "txt_attn.qkv", [s + "attn.add_q_proj", s + "attn.add_k_proj", s + "attn.add_v_proj"])
+        for a, b in _DOUBLE_DIRECT.items():
+            for suffix in ("weight", "bias"):
+                if s + f"{a}.{suffix}" in src:
+                    out[d + f"{b}.{suffix}"] = take(s + f"{a}.{suffix}")
+        for a, b in _DOUBLE_NORMS.items():
+            out[d + b] = take(s + a)
+
+    singles = sorted({int(m.group(1)) for k in src if (m := re.match(r"single_transformer_blocks\.(\d+)\.", k))})
+    for i in singles:
+        s, d = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        fuse(d + "linear1", [s + "attn.to_q", s + "attn.to_k", s + "attn.to_v", s + "proj_mlp"])
+        for suffix in ("weight", "bias"):
+            out[d + f"linear2.{suffix}"] = take(s + f"proj_out.{suffix}")
+            out[d + f"modulation.lin.{suffix}"] = take(s + f"norm.linear.{suffix}")
+        out[d + "norm.query_norm.scale"] = take(s + "attn.norm_q.weight")
+        out[d + "norm.key_norm.scale"] = take(s + "attn.norm_k.weight")
+
+    if src:
+        raise CheckpointError(f"diffusers transformer has keys this converter does not know: {describe_keys(src)}")
+    return out
+
+
+def default_axes_dim(head_dim: int) -> tuple[int, int, int]:
+    """RoPE split for a head dim: FLUX's (16, 56, 56) at 128; same proportions (even sizes) otherwise."""
+    if head_dim == 128:
+        return (16, 56, 56)
+    first = max(2, 2 * round(head_dim / 16))
+    rest = head_dim - first
+    second = 2 * (rest // 4)
+    return (first, second, rest - second)
+
+
+def _count(sd: Mapping[str, Tensor], prefix: str) -> int:
+    idx = {int(m.group(1)) for k in sd if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
+    if idx and idx != set(range(max(idx) + 1)):
+        missing = sorted(set(range(max(idx) + 1)) - idx)
+        raise CheckpointError(f"blocks {prefix}{missing[:5]} are missing; the checkpoint is incomplete.")
+    return len(idx)
+
+
+def shape_of(t) -> tuple[int, ...]:
+    """Logical shape of a weight (quantized tensors expose `logical_shape`)."""
+    return tuple(getattr(t, "logical_shape", t.shape))
+
+
+def infer_flux_params(sd: Mapping[str, Tensor], overrides: Mapping | None = None) -> FluxParams:
+    """FluxParams from the shapes of a BFL-layout state dict; `overrides` wins for what shapes cannot tell."""
+    overrides = dict(overrides or {})
+    unknown = set(overrides) - FluxParams.field_names()
+    if unknown:
+        raise CheckpointError(f"unknown FluxParams fields in override: {sorted(unknown)}; "
+                              f"valid fields: {sorted(FluxParams.field_names())}")
+    try:
+        hidden, in_ch = shape_of(sd["img_in.weight"])
+        head_dim = shape_of(sd["double_blocks.0.img_attn.norm.query_norm.scale"])[0] if "double_blocks.0.img_attn.norm.query_norm.scale" in sd \
+            else shape_of(sd["single_blocks.0.norm.query_norm.scale"])[0]
+        mlp_hidden = shape_of(sd["double_blocks.0.img_mlp.0.weight"])[0] if "double_blocks.0.img_mlp.0.weight" in sd \
+            else shape_of(sd["single_blocks.0.linear1.weight"])[0] - 3 * hidden
+        inferred = dict(
+            in_channels=in_ch,
+            out_channels=shape_of(sd["final_layer.linear.weight"])[0],
+            vec_in_dim=shape_of(sd["vector_in.in_layer.weight"])[1],
+            context_in_dim=shape_of(sd["txt_in.weight"])[1],
+            hidden_size=hidden,
+            mlp_ratio=mlp_hidden / hidden,
+            num_heads=hidden // head_dim,
+            depth=_count(sd, "double_blocks."),
+            depth_single_blocks=_count(sd, "single_blocks."),
+            axes_dim=default_axes_dim(head_dim),
+            qkv_bias="double_blocks.0.img_attn.qkv.bias" in sd,
+            guidance_embed="guidance_in.in_layer.weight" in sd,
+        )
+    except KeyError as e:
+        raise CheckpointError(f"FLUX transformer is missing {e.args[0]!r}; the checkpoint is incomplete or "
+                              "not a FLUX model.") from None
+    inferred.update(overrides)
+    try:
+        return FluxParams(**inferred)
+    except ValueError as e:
+        raise CheckpointError(f"inconsistent architecture: {e}. Pass a config override (e.g. axes_dim).") from e
+
+
+def to_bfl(sd: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], str]:
+    """Any supported transformer state dict -> (BFL-layout dict, detected layout name)."""
+    sd = strip_transformer_prefix(sd)
+    layout = detect_layout(sd)
+    return (diffusers_to_bfl(sd) if layout == "diffusers" else dict(sd)), layout

@@ -1,0 +1,134 @@
+"""Load a FLUX.1 Kontext transformer from any supported file into the engine's `Flux` module.
+
+Formats are told apart by content: GGUF by its magic bytes, safetensors by its header; BFL, ComfyUI-prefixed,
+bundled and diffusers layouts by their keys. The module is built on the meta device and the memory-mapped
+tensors are assigned to it, so the weights exist once (as file pages) and stay in their stored dtype unless a
+dtype is asked for.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import CheckpointError
+from ..model.flux import Flux, FluxParams
+from ..model.ops import CastOps
+from .flux_layout import describe_keys, infer_flux_params, shape_of, to_bfl
+from .safetensors_io import load_state_dict
+
+DIFFUSERS_TRANSFORMER_FILES = ("transformer/diffusion_pytorch_model.safetensors.index.json",
+                               "transformer/diffusion_pytorch_model.safetensors",
+                               "diffusion_pytorch_model.safetensors.index.json",
+                               "diffusion_pytorch_model.safetensors")
+
+
+def is_gguf(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    if not p.is_file():
+        return False
+    with open(p, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+@dataclass
+class Checkpoint:
+    """A transformer checkpoint read into memory-mapped tensors, in BFL layout."""
+
+    source: str
+    container: str  # "safetensors" | "gguf" | "state_dict"
+    layout: str  # "bfl" | "diffusers" (before conversion)
+    tensors: dict[str, Tensor]
+    qtypes: dict[str, str] = field(default_factory=dict)  # per tensor storage type (GGUF) or dtype name
+    metadata: dict = field(default_factory=dict)
+    file_size: int = 0
+
+
+def read_transformer(src: str | os.PathLike | Mapping[str, Tensor]) -> Checkpoint:
+    """Read a path (file, index json, diffusers folder) or a state dict; returns BFL-layout tensors."""
+    if isinstance(src, Mapping):
+        tensors, layout = to_bfl(src)
+        return Checkpoint("<state dict>", "state_dict", layout, tensors,
+                          {k: str(v.dtype).replace("torch.", "") for k, v in tensors.items()})
+    path = Path(src)
+    if is_gguf(path):
+        from .gguf_file import read_gguf  # gguf is only imported when a GGUF file is actually used
+
+        g = read_gguf(path)
+        try:
+            tensors, layout = to_bfl(g.tensors)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        return Checkpoint(str(path), "gguf", layout, tensors, dict(g.qtypes), dict(g.metadata), g.file_size)
+    raw = load_state_dict(path, prefer=DIFFUSERS_TRANSFORMER_FILES)
+    try:
+        tensors, layout = to_bfl(raw)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    size = path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*.safetensors"))
+    return Checkpoint(str(path), "safetensors", layout, tensors,
+                      {k: str(v.dtype).replace("torch.", "") for k, v in tensors.items()}, {}, size)
+
+
+def check_shapes(model: nn.Module, sd: Mapping[str, Tensor], source: str) -> None:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+    ours = {k for k in sd if not k.endswith(".scale_weight") and k != "scaled_fp8"}
+    missing = sorted(set(expected) - ours)
+    unexpected = sorted(ours - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): {describe_keys(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {describe_keys(unexpected)}")
+        raise CheckpointError(f"{source}: does not match the inferred FLUX architecture — " + "; ".join(parts)
+                              + ". The file may be incomplete, or a different model; pass a config override if "
+                                "the architecture was guessed wrong.")
+    for k, shape in expected.items():
+        found = shape_of(sd[k])
+        if found != shape:
+            raise CheckpointError(f"{source}: tensor '{k}' has shape {list(found)}, expected {list(shape)} "
+                                  "for this architecture; the checkpoint is corrupt or a different model.")
+
+
+def default_operations(ckpt: Checkpoint):
+    if ckpt.container == "gguf":
+        from ..quant.gguf_ops import GGUFOps
+
+        return GGUFOps
+    return CastOps
+
+
+def build_transformer(ckpt: Checkpoint, *, params: FluxParams | Mapping | None = None, dtype=None,
+                      device="cpu", operations=None) -> Flux:
+    """Instantiate `Flux` for a read checkpoint and assign its tensors (zero-copy unless dtype/device change)."""
+    if not isinstance(params, FluxParams):
+        params = infer_flux_params(ckpt.tensors, params)
+    operations = operations or default_operations(ckpt)
+    with torch.device("meta"):
+        model = Flux(params, operations=operations)
+    check_shapes(model, ckpt.tensors, ckpt.source)
+    sd = dict(ckpt.tensors)
+    sd.pop("scaled_fp8", None)
+    model.load_state_dict(sd, strict=True, assign=True)
+    if dtype is not None:
+        for mod in model.modules():
+            for name, p in list(mod.named_parameters(recurse=False)):
+                # Quantized (GGUF) and fp8 storage stays as is; dtype applies to float weights.
+                if p.dtype in (torch.float32, torch.float16, torch.bfloat16) and type(p.data) is torch.Tensor:
+                    setattr(mod, name, nn.Parameter(p.data.to(dtype), requires_grad=False))
+    if str(device) != "cpu":
+        model.to(device)
+    model.eval().requires_grad_(False)
+    return model
+
+
+def load_transformer(src, *, params: FluxParams | Mapping | None = None, dtype=None, device="cpu",
+                     operations=None) -> Flux:
+    """Load a FLUX.1 Kontext transformer from a path or a state dict (any supported layout)."""
+    return build_transformer(read_transformer(src), params=params, dtype=dtype, device=device, operations=operations)
