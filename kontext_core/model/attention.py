@@ -12,10 +12,10 @@ AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (B,H,L,D) x3 -> (B,H
 
 
 def rope_frequencies(pos: Tensor, dim: int, theta: int) -> Tensor:
-    """Rotation matrices (…, L, dim/2, 2, 2) for positions `pos` (…, L) along one axis.
+    """Unit complex rotations (…, L, dim/2) for positions `pos` (…, L) along one axis.
 
     Angles are computed in float64 where the device has it: at position ~100 with theta 1e4, fp32 angles
-    are off by ~1e-5 rad, enough to show up in parity tests.
+    are off by ~1e-5 rad, enough to show up in parity tests. The rotations are stored as complex64.
     """
     if dim % 2:
         raise ValueError(f"RoPE axis dimension must be even, got {dim}")
@@ -23,13 +23,11 @@ def rope_frequencies(pos: Tensor, dim: int, theta: int) -> Tensor:
     exponents = torch.arange(0, dim, 2, dtype=hi, device=pos.device) / dim
     inv_freq = 1.0 / (theta ** exponents)
     angles = pos.to(hi).unsqueeze(-1) * inv_freq  # (…, L, dim/2)
-    cos, sin = torch.cos(angles), torch.sin(angles)
-    rot = torch.stack([cos, -sin, sin, cos], dim=-1)
-    return rot.unflatten(-1, (2, 2)).float()
+    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
 
 
 class RopeEmbedder(torch.nn.Module):
-    """Position ids (B, L, n_axes) -> rotation tensor (B, 1, L, head_dim/2, 2, 2)."""
+    """Position ids (B, L, n_axes) -> complex rotations (B, 1, L, head_dim/2)."""
 
     def __init__(self, theta: int, axes_dim: tuple[int, ...]):
         super().__init__()
@@ -38,14 +36,19 @@ class RopeEmbedder(torch.nn.Module):
 
     def forward(self, ids: Tensor) -> Tensor:
         parts = [rope_frequencies(ids[..., i], d, self.theta) for i, d in enumerate(self.axes_dim)]
-        return torch.cat(parts, dim=-3).unsqueeze(1)
+        return torch.cat(parts, dim=-1).unsqueeze(1)
 
 
 def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
-    """Rotate adjacent element pairs of x (B, H, L, D) by pe (B, 1, L, D/2, 2, 2); math in fp32."""
-    pairs = x.float().unflatten(-1, (-1, 1, 2))  # (B,H,L,D/2,1,2)
-    out = pe[..., 0] * pairs[..., 0] + pe[..., 1] * pairs[..., 1]  # (B,H,L,D/2,2)
-    return out.flatten(-2).type_as(x)
+    """Rotate adjacent element pairs (x[2i], x[2i+1]) of x (B, H, L, D) by pe (B, 1, L, D/2); math in fp32.
+
+    One complex multiply instead of the equivalent 2x2 real matrix product: fewer passes over memory.
+    """
+    xf = x.float()
+    if xf.stride(-1) != 1 or any(st % 2 for st in xf.stride()[:-1]):
+        xf = xf.contiguous()
+    rotated = torch.view_as_complex(xf.unflatten(-1, (-1, 2))) * pe
+    return torch.view_as_real(rotated).flatten(-2).type_as(x)
 
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

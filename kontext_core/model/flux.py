@@ -92,6 +92,12 @@ class Flux(nn.Module):
 
     def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor,
                 y: Tensor, guidance: Tensor | None = None) -> Tensor:
+        return self.forward_tokens(img, img_ids, txt, txt_ids, timesteps, y, guidance)
+
+    def forward_tokens(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor,
+                       y: Tensor, guidance: Tensor | None = None) -> Tensor:
+        """The DiT on packed tokens. Hosts may override `forward` with their own call convention (ComfyUI's
+        adapter does); `forward_latent` always goes through this method."""
         if img.ndim != 3 or txt.ndim != 3:
             raise ValueError(f"img and txt must be (B, L, C) token tensors, got {tuple(img.shape)} and {tuple(txt.shape)}")
         img = self.img_in(img)
@@ -112,5 +118,5 @@ class Flux(nn.Module):
         b, _, h, w = x.shape
         img, img_ids, n_target = tok.kontext_tokens(x, references, layout)
         txt_ids = tok.text_ids(b, context.shape[1], device=x.device)
-        out = self.forward(img, img_ids, context, txt_ids, timestep, y, guidance)
+        out = self.forward_tokens(img, img_ids, context, txt_ids, timestep, y, guidance)
         return tok.unpack(out[:, :n_target], h, w)

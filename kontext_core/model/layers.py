@@ -45,9 +45,11 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.empty(dim, dtype=dtype, device=device))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
-        return normed * self.scale.to(device=x.device, dtype=x.dtype)
+        scale = self.scale.to(device=x.device, dtype=x.dtype)
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, scale.shape, scale, eps=1e-6)
+        # Normalise in fp32, then scale in the compute dtype (as the reference does).
+        return F.rms_norm(x.float(), scale.shape, eps=1e-6).to(x.dtype) * scale
 
 
 class QKNorm(nn.Module):

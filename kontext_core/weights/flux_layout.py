@@ -35,15 +35,13 @@ def describe_keys(keys, n: int = 5) -> str:
     return ", ".join(keys[:n]) + more
 
 
-def strip_transformer_prefix(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Select the transformer's tensors from a bare, ComfyUI-prefixed or bundled checkpoint."""
+def strip_transformer_prefix(sd: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], str]:
+    """Select the transformer's tensors from a bare, ComfyUI-prefixed or bundled checkpoint: (tensors, prefix)."""
     for prefix in TRANSFORMER_PREFIXES:
-        marker_bfl = prefix + "img_in.weight"
-        marker_diff = prefix + "x_embedder.weight"
-        if marker_bfl in sd or marker_diff in sd:
+        if prefix + "img_in.weight" in sd or prefix + "x_embedder.weight" in sd:
             n = len(prefix)
-            return {k[n:]: v for k, v in sd.items() if k.startswith(prefix)}
-    return dict(sd)
+            return {k[n:]: v for k, v in sd.items() if k.startswith(prefix)}, prefix
+    return dict(sd), ""
 
 
 def detect_layout(sd: Mapping[str, Tensor]) -> str:
@@ -152,13 +150,10 @@ def diffusers_to_bfl(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def default_axes_dim(head_dim: int) -> tuple[int, int, int]:
-    """RoPE split for a head dim: FLUX's (16, 56, 56) at 128; same proportions (even sizes) otherwise."""
-    if head_dim == 128:
-        return (16, 56, 56)
-    first = max(2, 2 * round(head_dim / 16))
-    rest = head_dim - first
-    second = 2 * (rest // 4)
-    return (first, second, rest - second)
+    """RoPE split for a head dim: FLUX's (16, 56, 56) at 128. Otherwise the same proportions: the two spatial
+    axes get 7/16 of the dims each (rounded down to even), the index axis the rest."""
+    spatial = 2 * ((head_dim * 7) // 32)
+    return (head_dim - 2 * spatial, spatial, spatial)
 
 
 def _count(sd: Mapping[str, Tensor], prefix: str) -> int:
@@ -212,7 +207,12 @@ def infer_flux_params(sd: Mapping[str, Tensor], overrides: Mapping | None = None
 
 
 def to_bfl(sd: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], str]:
-    """Any supported transformer state dict -> (BFL-layout dict, detected layout name)."""
-    sd = strip_transformer_prefix(sd)
+    """Any supported transformer state dict -> (BFL-layout dict, layout name: 'bfl', 'comfyui' for BFL keys
+    under ComfyUI's `model.diffusion_model.` prefix, 'bfl+<prefix>' for other prefixes, or 'diffusers')."""
+    sd, prefix = strip_transformer_prefix(sd)
     layout = detect_layout(sd)
-    return (diffusers_to_bfl(sd) if layout == "diffusers" else dict(sd)), layout
+    if layout == "diffusers":
+        return diffusers_to_bfl(sd), layout
+    if prefix:
+        layout = "comfyui" if prefix == "model.diffusion_model." else f"bfl+{prefix}"
+    return sd, layout
