@@ -6,11 +6,11 @@ RoPE formulation) gives max |Δ| ~1e-6 on outputs of magnitude ~5; we assert 2e-
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from kontext_core import tokens as tok
 from kontext_core.weights.loader import load_transformer
-from tiny_models import TINY_AXES, tiny_diffusers_transformer, write_bfl, write_comfy, write_diffusers
+from tiny_models import (TINY_AXES, diffusers_velocity, independent_ids, tiny_diffusers_transformer, write_bfl,
+                         write_comfy, write_diffusers)
 
 ATOL_FP32 = 2e-5
 
@@ -18,33 +18,6 @@ ATOL_FP32 = 2e-5
 @pytest.fixture(scope="module")
 def ref_model():
     return tiny_diffusers_transformer(seed=1)
-
-
-def independent_pack(x):
-    """Packing written from the published layout, independent of kontext_core.tokens."""
-    b, c, h, w = x.shape
-    x = F.pad(x, (0, w % 2, 0, h % 2), mode="circular")
-    H, W = x.shape[-2] // 2, x.shape[-1] // 2
-    return x.view(b, c, H, 2, W, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, H * W, c * 4)
-
-
-def independent_ids(h, w, index=0, r0=0, c0=0):
-    H, W = (h + 1) // 2, (w + 1) // 2
-    rows = torch.arange(H).repeat_interleave(W) + r0
-    cols = torch.arange(W).repeat(H) + c0
-    return torch.stack([torch.full_like(rows, index), rows, cols], -1).float()
-
-
-def diffusers_velocity(model, x, refs_with_ids, txt, y, t, g):
-    img = torch.cat([independent_pack(x)] + [independent_pack(r.expand(x.shape[0], -1, -1, -1)) for r, _ in refs_with_ids], 1)
-    ids = torch.cat([independent_ids(*x.shape[-2:])] + [i for _, i in refs_with_ids], 0)
-    with torch.no_grad():
-        out = model(hidden_states=img, encoder_hidden_states=txt, pooled_projections=y, timestep=t,
-                    img_ids=ids, txt_ids=torch.zeros(txt.shape[1], 3), guidance=g).sample
-    n = independent_pack(x).shape[1]
-    H, W = (x.shape[-2] + 1) // 2, (x.shape[-1] + 1) // 2
-    lat = out[:, :n].reshape(x.shape[0], H, W, 16, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(x.shape[0], 16, 2 * H, 2 * W)
-    return lat[..., : x.shape[-2], : x.shape[-1]]
 
 
 def inputs(b=2, h=6, w=8, L=7):
