@@ -18,7 +18,8 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError
 from ..model.flux import Flux, FluxParams
-from ..model.ops import CastOps
+from ..model.ops import FP8_DTYPES, CastOps
+from .fp8 import cast_model_weights, parse_weight_dtype, quantize_model_fp8, validate_scaled_fp8
 from .flux_layout import describe_keys, infer_flux_params, shape_of, to_bfl
 from .safetensors_io import load_state_dict
 
@@ -53,6 +54,8 @@ def read_transformer(src: str | os.PathLike | Mapping[str, Tensor]) -> Checkpoin
     """Read a path (file, index json, diffusers folder) or a state dict; returns BFL-layout tensors."""
     if isinstance(src, Mapping):
         tensors, layout = to_bfl(src)
+        if "scaled_fp8" in src and "scaled_fp8" not in tensors:
+            tensors["scaled_fp8"] = src["scaled_fp8"]  # marker at the top level, outside the model prefix
         return Checkpoint("<state dict>", "state_dict", layout, tensors,
                           {k: str(v.dtype).replace("torch.", "") for k, v in tensors.items()})
     path = Path(src)
@@ -70,6 +73,8 @@ def read_transformer(src: str | os.PathLike | Mapping[str, Tensor]) -> Checkpoin
         tensors, layout = to_bfl(raw)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
+    if "scaled_fp8" in raw and "scaled_fp8" not in tensors:
+        tensors["scaled_fp8"] = raw["scaled_fp8"]  # marker saved at the top level, outside the model prefix
     size = path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*.safetensors"))
     return Checkpoint(str(path), "safetensors", layout, tensors,
                       {k: str(v.dtype).replace("torch.", "") for k, v in tensors.items()}, {}, size)
@@ -77,7 +82,7 @@ def read_transformer(src: str | os.PathLike | Mapping[str, Tensor]) -> Checkpoin
 
 def check_shapes(model: nn.Module, sd: Mapping[str, Tensor], source: str) -> None:
     expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
-    ours = {k for k in sd if not k.endswith(".scale_weight") and k != "scaled_fp8"}
+    ours = {k for k in sd if not k.endswith((".scale_weight", ".scale_input")) and k != "scaled_fp8"}
     missing = sorted(set(expected) - ours)
     unexpected = sorted(ours - set(expected))
     if missing or unexpected:
@@ -105,17 +110,35 @@ def default_operations(ckpt: Checkpoint):
 
 
 def build_transformer(ckpt: Checkpoint, *, params: FluxParams | Mapping | None = None, dtype=None,
-                      device="cpu", operations=None) -> Flux:
-    """Instantiate `Flux` for a read checkpoint and assign its tensors (zero-copy unless dtype/device change)."""
+                      device="cpu", operations=None, weight_dtype=None) -> Flux:
+    """Instantiate `Flux` for a read checkpoint and assign its tensors (zero-copy unless dtype/device change).
+
+    dtype: storage dtype for the float (bf16/fp16/fp32) parameters; fp8 and quantized storage stay as they are.
+    weight_dtype: "fp8_e4m3fn" | "fp8_e5m2" quantize the block Linear weights per tensor with a `scale_weight`
+    (scaled fp8, policy in `weights/fp8.py`), keeping small sensitive tensors as stored (or in `dtype`);
+    "bf16" | "fp16" | "fp32" store every float tensor in that dtype, dequantizing fp8 weights (scales folded in);
+    None keeps the stored dtypes.
+    """
+    wdt = parse_weight_dtype(weight_dtype)
+    if wdt is not None and wdt not in FP8_DTYPES:
+        if dtype is not None and dtype != wdt:
+            raise ValueError(f"dtype={dtype} and weight_dtype={weight_dtype!r} disagree; give one of them.")
+        dtype = None  # cast_model_weights below covers every float tensor
     if not isinstance(params, FluxParams):
         params = infer_flux_params(ckpt.tensors, params)
     operations = operations or default_operations(ckpt)
     with torch.device("meta"):
         model = Flux(params, operations=operations)
     check_shapes(model, ckpt.tensors, ckpt.source)
+    validate_scaled_fp8(ckpt.tensors, ckpt.source)
     sd = dict(ckpt.tensors)
     sd.pop("scaled_fp8", None)
     model.load_state_dict(sd, strict=True, assign=True)
+    if wdt in FP8_DTYPES:
+        # On a GPU, each weight is quantized there (fast) and only fp8 bytes stay on it.
+        quantize_model_fp8(model, wdt, device=None if str(device) == "cpu" else device)
+    elif wdt is not None:
+        cast_model_weights(model, wdt)
     if dtype is not None:
         for mod in model.modules():
             for name, p in list(mod.named_parameters(recurse=False)):
@@ -129,6 +152,10 @@ def build_transformer(ckpt: Checkpoint, *, params: FluxParams | Mapping | None =
 
 
 def load_transformer(src, *, params: FluxParams | Mapping | None = None, dtype=None, device="cpu",
-                     operations=None) -> Flux:
-    """Load a FLUX.1 Kontext transformer from a path or a state dict (any supported layout)."""
-    return build_transformer(read_transformer(src), params=params, dtype=dtype, device=device, operations=operations)
+                     operations=None, weight_dtype=None) -> Flux:
+    """Load a FLUX.1 Kontext transformer from a path or a state dict (any supported layout).
+
+    weight_dtype: None (as stored) | "fp8_e4m3fn" | "fp8_e5m2" | "bf16" | "fp16" | "fp32"; see build_transformer.
+    """
+    return build_transformer(read_transformer(src), params=params, dtype=dtype, device=device, operations=operations,
+                             weight_dtype=weight_dtype)
