@@ -1,4 +1,4 @@
-"""Command line: `python -m kontext_core info FILE…`."""
+"""Command line: `python -m kontext_core info FILE…`, `convert SRC OUT --type Q4_K_M`, `plan FILE --vram 8`."""
 
 from __future__ import annotations
 
@@ -87,12 +87,71 @@ def cmd_info(args) -> int:
     return status
 
 
+def cmd_convert(args) -> int:
+    from .quant.gguf_quantize import convert_to_gguf
+
+    def progress(i, n, name):
+        print(f"  [{i}/{n}] {name}", end="\r", flush=True)
+
+    try:
+        convert_to_gguf(args.src, args.out, args.type, progress=progress)
+    except KontextError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print()
+    return cmd_info(argparse.Namespace(files=[args.out]))
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 1024x1024, got {text!r}") from None
+    return w, h
+
+
+def cmd_plan(args) -> int:
+    from .planner import BUDGETS_GB, STORAGES, Assumptions, report
+    from .weights.flux_layout import infer_flux_params
+    from .weights.loader import read_transformer
+
+    try:
+        params = infer_flux_params(read_transformer(args.model).tensors) if args.model else None
+    except KontextError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if params is None:
+        from .model.flux import KONTEXT_DEV as params
+    budgets = sorted(set(BUDGETS_GB) | ({args.vram} if args.vram else set()))
+    a = Assumptions(tflops=args.tflops, pcie_gbps=args.pcie_gbps, fp8_matmul=args.fp8_matmul)
+    w, h = args.size
+    print(report(params, w, h, args.refs, budgets, STORAGES, a))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m kontext_core", description="FLUX.1 Kontext engine tools")
     sub = ap.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="describe checkpoints: layout, architecture, dtypes, size, memory needs")
     info.add_argument("files", nargs="+", help="safetensors / GGUF files or diffusers folders")
     info.set_defaults(func=cmd_info)
+
+    conv = sub.add_parser("convert", help="convert a safetensors transformer to GGUF (streamed, tensor by tensor)")
+    conv.add_argument("src", help="BFL / ComfyUI safetensors transformer")
+    conv.add_argument("out", help="output .gguf file")
+    conv.add_argument("--type", default="Q8_0",
+                      help="Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q5_0, Q5_1, Q4_0, Q4_1, Q3_K_M, Q2_K, F16, BF16")
+    conv.set_defaults(func=cmd_convert)
+
+    pl = sub.add_parser("plan", help="predict peak VRAM and speed per storage type; recommend what fits")
+    pl.add_argument("model", nargs="?", help="transformer file (architecture); default: FLUX.1 Kontext dev")
+    pl.add_argument("--vram", type=float, help="your GPU's memory in GB (added to 7, 8, 12, 16, 24)")
+    pl.add_argument("--size", type=_parse_size, default=(1024, 1024), help="output WxH, default 1024x1024")
+    pl.add_argument("--refs", type=int, default=1, help="number of context images (each at the output size)")
+    pl.add_argument("--tflops", type=float, default=150.0, help="dense bf16 TFLOP/s your GPU reaches")
+    pl.add_argument("--pcie-gbps", type=float, default=10.0, help="host-to-device GB/s (about 20 with pinned memory)")
+    pl.add_argument("--fp8-matmul", action="store_true", help="GPU has fp8 matmul (compute capability >= 8.9)")
+    pl.set_defaults(func=cmd_plan)
     return ap
 
 
