@@ -17,7 +17,6 @@ from PIL import Image
 from torch import Tensor
 
 from . import images as im
-from . import tokens as tok
 from .errors import InputError
 from .model.flux import Flux
 from .sampling.schedule import flux_sigmas
@@ -135,10 +134,8 @@ def sample(transformer: Flux, *, prompt_embeds: Tensor, pooled_prompt_embeds: Te
         # The state is integrated in fp32; the DiT runs in the compute dtype.
         return velocity_dtype(xf.to(dtype), t).float()
 
-    step_cb = None
-    if callback is not None:
-        def step_cb(i, xi, x0):
-            callback(i, len(sigmas) - 1, xi, x0)
+    n_steps = len(sigmas) - 1
+    step_cb = None if callback is None else (lambda i, xi, x0: callback(i, n_steps, xi, x0))
     x = get_solver(solver)(velocity, x, sigmas, step_cb)
     return x, sigmas
 

@@ -83,10 +83,10 @@ class Flux(nn.Module):
             block.attn_fn = attn_fn
 
     def embed_vector(self, timesteps: Tensor, y: Tensor, guidance: Tensor | None, dtype) -> Tensor:
+        """time + pooled-text (+ guidance) conditioning vector. guidance=None on a guidance-distilled model skips
+        the guidance embedding (what hosts call "disable guidance")."""
         vec = self.time_in(timestep_embedding(timesteps, 256).to(dtype))
-        if self.params.guidance_embed:
-            if guidance is None:
-                raise ValueError("this model has a guidance embedding: pass a guidance value (e.g. 2.5)")
+        if self.params.guidance_embed and guidance is not None:
             vec = vec + self.guidance_in(timestep_embedding(guidance, 256).to(dtype))
         return vec + self.vector_in(y.to(dtype))
 

@@ -8,6 +8,7 @@ dtype is asked for.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,23 @@ class Checkpoint:
     qtypes: dict[str, str] = field(default_factory=dict)  # per tensor storage type (GGUF) or dtype name
     metadata: dict = field(default_factory=dict)
     file_size: int = 0
+    config: dict = field(default_factory=dict)  # FluxParams facts from a diffusers config.json (e.g. axes_dim)
+
+
+def diffusers_config_overrides(path: str | os.PathLike) -> dict:
+    """Architecture facts a diffusers folder's config.json gives and shapes cannot: the RoPE split."""
+    p = Path(path)
+    if not p.is_dir():
+        return {}
+    for cfg in (p / "transformer" / "config.json", p / "config.json"):
+        if cfg.is_file():
+            try:
+                data = json.loads(cfg.read_text())
+            except (OSError, ValueError) as e:
+                raise CheckpointError(f"{cfg}: not valid JSON ({e}); the diffusers folder is damaged.") from e
+            axes = data.get("axes_dims_rope") if isinstance(data, dict) else None
+            return {"axes_dim": tuple(int(a) for a in axes)} if axes else {}
+    return {}
 
 
 def read_transformer(src: str | os.PathLike | Mapping[str, Tensor]) -> Checkpoint:
@@ -77,7 +95,8 @@ def read_transformer(src: str | os.PathLike | Mapping[str, Tensor]) -> Checkpoin
         tensors["scaled_fp8"] = raw["scaled_fp8"]  # marker saved at the top level, outside the model prefix
     size = path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*.safetensors"))
     return Checkpoint(str(path), "safetensors", layout, tensors,
-                      {k: str(v.dtype).replace("torch.", "") for k, v in tensors.items()}, {}, size)
+                      {k: str(v.dtype).replace("torch.", "") for k, v in tensors.items()}, {}, size,
+                      diffusers_config_overrides(path))
 
 
 def check_shapes(model: nn.Module, sd: Mapping[str, Tensor], source: str) -> None:
@@ -99,6 +118,21 @@ def check_shapes(model: nn.Module, sd: Mapping[str, Tensor], source: str) -> Non
         if found != shape:
             raise CheckpointError(f"{source}: tensor '{k}' has shape {list(found)}, expected {list(shape)} "
                                   "for this architecture; the checkpoint is corrupt or a different model.")
+
+
+def resolve_params(ckpt: Checkpoint, params: FluxParams | Mapping | None = None) -> FluxParams:
+    """The architecture: explicit FluxParams, else shapes + the folder's config + `params` overrides."""
+    if isinstance(params, FluxParams):
+        return params
+    return infer_flux_params(ckpt.tensors, {**ckpt.config, **dict(params or {})})
+
+
+def validate_checkpoint(ckpt: Checkpoint, params: FluxParams) -> None:
+    """Every key and shape against the architecture, and scaled-fp8 scales; CheckpointError otherwise."""
+    with torch.device("meta"):
+        reference = Flux(params)
+    check_shapes(reference, ckpt.tensors, ckpt.source)
+    validate_scaled_fp8(ckpt.tensors, ckpt.source)
 
 
 def default_operations(ckpt: Checkpoint):
@@ -124,13 +158,10 @@ def build_transformer(ckpt: Checkpoint, *, params: FluxParams | Mapping | None =
         if dtype is not None and dtype != wdt:
             raise ValueError(f"dtype={dtype} and weight_dtype={weight_dtype!r} disagree; give one of them.")
         dtype = None  # cast_model_weights below covers every float tensor
-    if not isinstance(params, FluxParams):
-        params = infer_flux_params(ckpt.tensors, params)
-    operations = operations or default_operations(ckpt)
+    params = resolve_params(ckpt, params)
+    validate_checkpoint(ckpt, params)
     with torch.device("meta"):
-        model = Flux(params, operations=operations)
-    check_shapes(model, ckpt.tensors, ckpt.source)
-    validate_scaled_fp8(ckpt.tensors, ckpt.source)
+        model = Flux(params, operations=operations or default_operations(ckpt))
     sd = dict(ckpt.tensors)
     sd.pop("scaled_fp8", None)
     model.load_state_dict(sd, strict=True, assign=True)

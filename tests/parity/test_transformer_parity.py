@@ -7,7 +7,6 @@ RoPE formulation) gives max |Δ| ~1e-6 on outputs of magnitude ~5; we assert 2e-
 import pytest
 import torch
 
-from kontext_core import tokens as tok
 from kontext_core.weights.loader import load_transformer
 from tiny_models import (TINY_AXES, diffusers_velocity, independent_ids, tiny_diffusers_transformer, write_bfl,
                          write_comfy, write_diffusers)

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from kontext_core.errors import CheckpointError
 from kontext_core.model.flux import Flux, FluxParams
 from kontext_core.weights.flux_layout import default_axes_dim, detect_layout, infer_flux_params
-from kontext_core.weights.loader import load_transformer, read_transformer
+from kontext_core.weights.loader import diffusers_config_overrides, load_transformer, read_transformer
 from kontext_core.weights.safetensors_io import SafetensorsFile, load_state_dict, read_header
 
 SMALL = FluxParams(in_channels=64, out_channels=64, vec_in_dim=24, context_in_dim=32, hidden_size=64, mlp_ratio=3.0,
@@ -171,3 +171,31 @@ def test_missing_shard_and_empty_folder(tmp_path):
 def test_detect_layout_diffusers_keys():
     assert detect_layout({"x_embedder.weight": 0, "transformer_blocks.0.attn.to_q.weight": 0}) == "diffusers"
     assert detect_layout({"img_in.weight": 0, "double_blocks.0.img_mod.lin.weight": 0}) == "bfl"
+
+
+def test_diffusers_config_gives_rope_axes(tmp_path):
+    from tiny_models import tiny_diffusers_transformer, write_diffusers
+
+    m = tiny_diffusers_transformer(axes_dims_rope=(2, 8, 6))
+    write_diffusers(m, tmp_path / "k")
+    assert diffusers_config_overrides(tmp_path / "k") == {"axes_dim": (2, 8, 6)}
+    assert diffusers_config_overrides(tmp_path / "k" / "transformer") == {"axes_dim": (2, 8, 6)}
+    assert diffusers_config_overrides(tmp_path / "nofolder.safetensors") == {}
+    assert load_transformer(tmp_path / "k").params.axes_dim == (2, 8, 6)  # not the shape-based default
+    (tmp_path / "bad" / "transformer").mkdir(parents=True)
+    (tmp_path / "bad" / "transformer" / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        diffusers_config_overrides(tmp_path / "bad")
+
+
+def test_guidance_none_skips_the_guidance_embedding():
+    m = Flux(SMALL)
+    m.load_state_dict(bfl_state_dict())
+    img, ids = torch.randn(1, 4, 64), torch.zeros(1, 4, 3)
+    txt, txt_ids, y, t = torch.randn(1, 2, 32), torch.zeros(1, 2, 3), torch.randn(1, 24), torch.tensor([0.5])
+    with torch.no_grad():
+        off = m(img, ids, txt, txt_ids, t, y, None)
+        on = m(img, ids, txt, txt_ids, t, y, torch.tensor([2.5]))
+        m.guidance_in.out_layer.bias.zero_(); m.guidance_in.out_layer.weight.zero_()
+        zero = m(img, ids, txt, txt_ids, t, y, torch.tensor([2.5]))
+    assert not torch.allclose(off, on) and torch.allclose(off, zero)

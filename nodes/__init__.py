@@ -1,0 +1,8 @@
+"""ComfyUI nodes for kontext_core.
+
+`logic` holds every check and conversion the nodes need and imports neither ComfyUI nor its modules, so it is
+unit-tested without ComfyUI. `comfy_model` is the one module that knows ComfyUI internals (BaseModel,
+ModelPatcher, casting ops); `sampling` drives the engine's sampler inside ComfyUI's memory manager. The node
+modules (`loaders`, `images`, `reference`, `sampler`, `conditioning_files`) are thin V3 schemas around them and
+are imported only inside ComfyUI (see `extension`).
+"""

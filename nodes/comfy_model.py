@@ -1,0 +1,216 @@
+"""The engine's FLUX transformer as a ComfyUI model: the only module that knows ComfyUI's model internals.
+
+    KontextNativeDiT     the engine's `Flux`, built from ComfyUI's `operations` (casting Linear layers that
+                         `ModelPatcher` can switch to per-use casting when it loads a model partially), with
+                         `forward` in ComfyUI's diffusion-model call convention.
+    KontextNativeFlux    a `comfy.model_base.Flux` whose diffusion model is KontextNativeDiT: ComfyUI's own
+                         conditioning (pooled output, guidance, `reference_latents` -> `ref_latents`), latent
+                         format and flow-matching sampling apply, so core KSampler / ReferenceLatent /
+                         FluxGuidance / LoRA loaders work with it.
+    KontextNativeConfig  the model config (modelled on `supported_models.Flux`) with the engine's FluxParams
+                         fields as unet_config.
+
+`load_transformer_model` reads any checkpoint the engine reads and returns a `ModelPatcher`; `operations`
+lets a quantized loader (GGUF) plug in its own layer classes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+import comfy.latent_formats
+import comfy.model_base
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.ops
+import comfy.patcher_extension
+import comfy.supported_models
+import folder_paths
+
+from kontext_core.errors import CheckpointError
+from kontext_core.model.flux import Flux as EngineFlux
+from kontext_core.model.flux import FluxParams
+from kontext_core.weights.loader import Checkpoint
+
+from . import logic
+
+log = logging.getLogger("kontext_native")
+
+GGUF_FOLDER_KEY = "unet_gguf"  # the key ComfyUI-GGUF uses too, so both packs list the same files
+CONDITIONING_FOLDER_KEY = "kontext_conditioning"
+DIFFUSERS_FOLDER_KEYS = ("diffusion_models", "diffusers")
+
+
+# ------------------------------------------------------------------------------------------------- the model
+
+class KontextNativeDiT(EngineFlux):
+    """The engine's Flux with ComfyUI's diffusion-model call convention.
+
+    BaseModel builds it as `unet_model(**unet_config, device=..., operations=...)`; unet_config holds the
+    FluxParams fields plus ComfyUI's `dtype`.
+    """
+
+    def __init__(self, image_model=None, dtype=None, device=None, operations=None, **config):
+        names = FluxParams.field_names()
+        params = FluxParams(**{k: v for k, v in config.items() if k in names})
+        super().__init__(params, operations=operations or comfy.ops.disable_weight_init, dtype=dtype, device=device)
+        self.dtype = dtype
+        self.patch_size = 2  # read by comfy.model_base.Flux (concat_cond, attention masks)
+        self._warned_control = False
+
+    def forward(self, x, timestep, context, y=None, guidance=None, ref_latents=None, control=None,
+                transformer_options={}, **kwargs):
+        wrappers = comfy.patcher_extension.get_all_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL,
+                                                            transformer_options)
+        return comfy.patcher_extension.WrapperExecutor.new_class_executor(self._forward_comfy, self, wrappers).execute(
+            x, timestep, context, y, guidance, ref_latents, control, transformer_options, **kwargs)
+
+    def _forward_comfy(self, x, timestep, context, y=None, guidance=None, ref_latents=None, control=None,
+                       transformer_options={}, **kwargs):
+        if control is not None and not self._warned_control:
+            log.warning("Kontext native model: ControlNet inputs are not supported and are ignored.")
+            self._warned_control = True
+        if y is None:
+            y = torch.zeros(x.shape[0], self.params.vec_in_dim, device=x.device, dtype=x.dtype)
+        layout = logic.normalize_layout(kwargs.get("ref_latents_method", "offset"))
+        refs = list(ref_latents) if ref_latents is not None else []
+        return self.forward_latent(x, timestep, context, y[:, :self.params.vec_in_dim], guidance, refs, layout)
+
+
+class KontextNativeFlux(comfy.model_base.Flux):
+    def __init__(self, model_config, model_type=comfy.model_base.ModelType.FLUX, device=None):
+        super().__init__(model_config, model_type, device=device, unet_model=KontextNativeDiT)
+
+
+class KontextNativeConfig(comfy.supported_models.Flux):
+    """Like supported_models.Flux (latent format, shift 1.15, memory factor), with the engine's params.
+
+    Not registered in ComfyUI's model detection: only our loader builds it.
+    """
+
+    unet_config = {}
+    unet_extra_config = {}
+    sampling_settings = {}
+    latent_format = comfy.latent_formats.Flux
+    supported_inference_dtypes = [torch.bfloat16, torch.float16, torch.float32]
+
+    def __init__(self, params: FluxParams):
+        cfg = params.to_dict()
+        cfg["axes_dim"] = list(cfg["axes_dim"])
+        super().__init__(cfg)
+        self.params = params
+        if not params.guidance_embed:  # schnell-like models: no resolution shift
+            self.sampling_settings = {"multiplier": 1.0, "shift": 1.0}
+
+    def get_model(self, state_dict=None, prefix="", device=None):
+        kind = comfy.model_base.ModelType.FLUX if self.params.guidance_embed else comfy.model_base.ModelType.FLOW
+        return KontextNativeFlux(self, model_type=kind, device=device)
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+def _fill_missing_scales(module: torch.nn.Module) -> None:
+    """Scaled-fp8 layers whose file carries no scale get 1 (ComfyUI's scaled ops create them on meta)."""
+    for mod in module.modules():
+        for name, p in list(mod.named_parameters(recurse=False)):
+            if p.is_meta and name in ("scale_weight", "scale_input"):
+                setattr(mod, name, torch.nn.Parameter(torch.ones((), dtype=torch.float32), requires_grad=False))
+
+
+def load_transformer_model(source, weight_dtype: str = "default", *, operations=None, params_override=None,
+                           checkpoint: Checkpoint | None = None) -> comfy.model_patcher.ModelPatcher:
+    """Any transformer the engine reads (BFL, ComfyUI-prefixed, diffusers folder; fp32/bf16/fp16/fp8) -> MODEL.
+
+    Weights that already have the storage dtype are the file's memory-mapped pages (no copy); others are
+    converted once. fp8 files stay fp8 and are cast per layer at use (ComfyUI's manual-cast ops).
+    """
+    prep = logic.prepare_checkpoint(source, params_override, checkpoint)
+    params, tensors = prep.params, prep.tensors
+
+    load_device = mm.get_torch_device()
+    offload_device = mm.unet_offload_device()
+    supported = KontextNativeConfig.supported_inference_dtypes
+    n_params = sum(t.numel() for t in tensors.values() if hasattr(t, "numel"))
+    stored = prep.stored_dtype
+    if prep.scaled_fp8 is not None:
+        if weight_dtype != "default":
+            log.warning("%s is a scaled-fp8 file: weight_dtype '%s' is ignored (the scales belong to the fp8 "
+                        "weights).", prep.source, weight_dtype)
+        unet_dtype = mm.unet_dtype(model_params=n_params, supported_dtypes=supported, weight_dtype=None)
+    else:
+        unet_dtype = logic.choose_weight_dtype(
+            weight_dtype, stored,
+            lambda: mm.unet_dtype(model_params=n_params, supported_dtypes=supported, weight_dtype=stored))
+    manual_cast = mm.unet_manual_cast(unet_dtype, load_device, supported)
+
+    config = KontextNativeConfig(params)
+    config.set_inference_dtype(unet_dtype, manual_cast)
+    if prep.scaled_fp8 is not None:
+        config.scaled_fp8 = prep.scaled_fp8
+    if operations is not None:
+        config.custom_operations = operations
+    model = config.get_model({}, device=torch.device("meta"))
+    dit = model.diffusion_model
+    dit.requires_grad_(False)
+
+    sd = {}
+    for k, t in tensors.items():
+        dt = logic.tensor_storage_dtype(k, t, unet_dtype, manual_cast, scaled_fp8=prep.scaled_fp8 is not None)
+        sd[k] = t if dt is None or t.dtype == dt else t.to(dt)
+    missing, unexpected = dit.load_state_dict(sd, strict=False, assign=True)
+    extra = ("scale_weight", "scale_input")
+    missing = [k for k in missing if not k.endswith(extra)]
+    unexpected = [k for k in unexpected if not k.endswith(extra)]
+    if missing or unexpected:
+        raise CheckpointError(f"{prep.source}: weights do not fit the model built for them (missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}); the file may be incomplete.")
+    _fill_missing_scales(dit)
+    left = [n for n, p in dit.named_parameters() if p.is_meta]
+    if left:
+        raise CheckpointError(f"{prep.source}: no weights for {left[:5]}; the file is incomplete.")
+    model.device = offload_device
+    model.eval()
+    log.info("Kontext native model: %s (%s layout), %d double + %d single blocks, weights %s, compute %s",
+             prep.source, prep.layout, params.depth, params.depth_single_blocks, unet_dtype,
+             manual_cast or unet_dtype)
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+
+
+
+# ------------------------------------------------------------------------------------------------ model files
+
+def register_model_folders() -> None:
+    """`.gguf` as its own key sharing the diffusion-model folders, and the conditioning cache folder."""
+    fnp = folder_paths.folder_names_and_paths
+    if GGUF_FOLDER_KEY not in fnp:
+        base = fnp.get("diffusion_models", ([], set()))[0]
+        fnp[GGUF_FOLDER_KEY] = (base, {".gguf"})  # the same list: folders added later are shared
+    if CONDITIONING_FOLDER_KEY not in fnp:
+        fnp[CONDITIONING_FOLDER_KEY] = ([os.path.join(folder_paths.models_dir, CONDITIONING_FOLDER_KEY),
+                                         folder_paths.get_input_directory()], {".safetensors"})
+
+
+def _folder_roots() -> list[str]:
+    roots: list[str] = []
+    for key in DIFFUSERS_FOLDER_KEYS:
+        if key in folder_paths.folder_names_and_paths:
+            roots += [p for p in folder_paths.get_folder_paths(key) if p not in roots]
+    return roots
+
+
+def model_file_choices() -> list[str]:
+    files = folder_paths.get_filename_list("diffusion_models")
+    return logic.model_choices(files, logic.find_diffusers_folders(_folder_roots()))
+
+
+def resolve_model_choice(name: str) -> str:
+    if name.endswith(("/", "\\")):
+        path = logic.resolve_folder_choice(name, _folder_roots())
+        if path is None:
+            raise CheckpointError(f"diffusers folder '{name}' not found in models/diffusion_models or "
+                                  "models/diffusers")
+        return path
+    return folder_paths.get_full_path_or_raise("diffusion_models", name)

@@ -1,0 +1,27 @@
+"""The V3 extension ComfyUI loads from the pack's `comfy_entrypoint`."""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from . import comfy_model
+from .images import ImageBucket
+from .loaders import LoadConditioning, ModelLoader, SaveConditioning
+from .reference import ReferenceEncoder
+from .sampler import Sampler
+
+NODES: list[type[io.ComfyNode]] = [ModelLoader, ImageBucket, ReferenceEncoder, Sampler, SaveConditioning,
+                                   LoadConditioning]
+
+
+class KontextNativeExtension(ComfyExtension):
+    async def on_load(self) -> None:
+        comfy_model.register_model_folders()
+
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
+
+
+async def comfy_entrypoint() -> KontextNativeExtension:
+    comfy_model.register_model_folders()
+    return KontextNativeExtension()

@@ -1,0 +1,65 @@
+"""A real ComfyUI server on 127.0.0.1: /object_info knows our nodes, the UI workflows load, /prompt runs one."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+import host_assets as A
+import host_workflows as W
+from host_env import ComfyServer
+
+OUR_NODES = ["KontextNativeModelLoader", "KontextNativeImageBucket", "KontextNativeReferenceEncoder",
+             "KontextNativeSampler", "KontextNativeSaveConditioning", "KontextNativeLoadConditioning"]
+
+
+@pytest.fixture(scope="module")
+def server(host_assets):
+    srv = ComfyServer(host_assets.base)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return server.get("/object_info", timeout=120)
+
+
+def test_object_info_lists_our_nodes_with_tooltips(object_info):
+    for name in OUR_NODES:
+        assert name in object_info, name
+        spec = object_info[name]
+        for group in ("required", "optional"):
+            for inp, entry in spec["input"].get(group, {}).items():
+                opts = entry[1] if len(entry) > 1 else {}
+                assert opts.get("tooltip"), f"{name}.{inp} has no tooltip"
+    loader = object_info["KontextNativeModelLoader"]["input"]["required"]["model_name"]
+    choices = loader[1]["options"] if loader[0] == "COMBO" else loader[0]
+    # diffusers folders are listed once (with '/'), the files inside them are not; the VAE file is (it is a
+    # .safetensors in diffusion_models) and is rejected when loaded
+    assert A.MODEL_DIFFUSERS in choices and A.MODEL_BFL in choices and A.MODEL_COMFY in choices
+    assert not [c for c in choices if c.startswith(A.MODEL_DIFFUSERS) and c != A.MODEL_DIFFUSERS]
+
+
+@pytest.mark.parametrize("name", W.workflow_names())
+def test_ui_workflow_is_loadable(object_info, name):
+    ui = W.load_ui(name)
+    assert W.check_ui_workflow(ui, object_info) == []
+    notes = [n for n in ui["nodes"] if n["type"] == "Note"]
+    assert notes and "models/diffusion_models" in notes[0]["widgets_values"][0]
+    # the API twin is exactly what the frontend would queue for the UI file
+    api = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in W.load_api(name).items()}
+    assert W.ui_to_api(ui, object_info) == api
+
+
+def test_prompt_over_http(server, host_assets):
+    prompt = W.for_tiny_models(W.load_api("single_edit"), A.MODEL_COMFY, A.COND_FILES)
+    hist = server.run_prompt(prompt)
+    assert hist["status"]["status_str"] == "success", hist["status"]
+    save = W.find(prompt, "SaveImage")[0]
+    images = hist["outputs"][save]["images"]
+    assert len(images) == 1
+    with Image.open(host_assets.base / "output" / images[0]["subfolder"] / images[0]["filename"]) as im:
+        assert im.size == A.IMAGES["example.png"]

@@ -1,0 +1,351 @@
+"""Every shipped API workflow, plus parity and memory-manager checks, through ComfyUI's own executor.
+
+One ComfyUI process (tests/host/comfy_driver.py) runs all jobs below; the tests then read its results and the
+files it saved. How the workflows are adapted to tiny test models is documented in host_workflows.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import host_assets as A
+import host_workflows as W
+from host_env import run_driver
+from kontext_core.conditioning import load_embeddings
+from kontext_core.images import nearest_bucket
+from kontext_core.pipeline import sample
+from kontext_core.weights.loader import load_transformer
+
+SCALE, SHIFT = 0.3611, 0.1159  # FLUX latent format: model space = (raw - shift) * scale
+
+
+def to_model_space(raw: torch.Tensor) -> torch.Tensor:
+    return (raw.float() - SHIFT) * SCALE
+
+
+def tiny(name: str, model: str = A.MODEL_BFL) -> dict:
+    return W.for_tiny_models(W.load_api(name), model, A.COND_FILES)
+
+
+def sampler_settings(api: dict, **widgets) -> dict:
+    for nid in W.find(api, "KontextNativeSampler"):
+        api[nid]["inputs"].update(widgets)
+    return api
+
+
+def with_saved_latents(api: dict, tag: str) -> dict:
+    """SaveLatent after every reference encoder (its LATENT output) and every sampler."""
+    for nid in W.find(api, "KontextNativeReferenceEncoder"):
+        W.add_node(api, "SaveLatent", {"samples": [nid, 1], "filename_prefix": f"{tag}/ref_{nid}"})
+    for nid in W.find(api, "KontextNativeSampler"):
+        W.add_node(api, "SaveLatent", {"samples": [nid, 0], "filename_prefix": f"{tag}/out_{nid}"})
+    return api
+
+
+def parity_true_cfg() -> dict:
+    api = sampler_settings(tiny("single_edit"), steps=4, seed=3, true_cfg=2.0, solver="heun")
+    neg = W.add_node(api, "KontextNativeLoadConditioning", {"conditioning_file": A.COND_FILES[2]})
+    api[W.find(api, "KontextNativeSampler")[0]]["inputs"]["negative"] = [neg, 0]
+    return with_saved_latents(api, "parity_true_cfg")
+
+
+def ksampler_vs_ours() -> dict:
+    api = tiny("kontext_official_basic")
+    ks = W.find(api, "KSampler")[0]
+    k = api[ks]["inputs"]
+    ours = W.add_node(api, "KontextNativeSampler", {
+        "model": k["model"], "positive": k["positive"], "latent": k["latent_image"], "seed": k["seed"],
+        "steps": k["steps"], "guidance": 2.5, "true_cfg": 1.0, "solver": "euler", "scheduler": k["scheduler"],
+        "denoise": 1.0, "width": 0, "height": 0, "batch_size": 1})
+    W.add_node(api, "SaveLatent", {"samples": [ks, 0], "filename_prefix": "vs/ksampler"})
+    W.add_node(api, "SaveLatent", {"samples": [ours, 0], "filename_prefix": "vs/ours"})
+    return api
+
+
+def bucket_job() -> dict:
+    api = {"1": {"class_type": "LoadImage", "inputs": {"image": "scene.png"}}}
+    for i, mode in enumerate(["stretch", "crop", "pad", "keep"]):
+        b = W.add_node(api, "KontextNativeImageBucket", {"image": ["1", 0], "mask": ["1", 1], "mode": mode})
+        W.add_node(api, "SaveImage", {"images": [b, 0], "filename_prefix": f"bucket/{mode}"})
+    return api
+
+
+def save_conditioning_job() -> dict:
+    return {"1": {"class_type": "KontextNativeLoadConditioning", "inputs": {"conditioning_file": A.COND_FILES[0]}},
+            "2": {"class_type": "KontextNativeSaveConditioning",
+                  "inputs": {"conditioning": ["1", 0], "filename_prefix": "kontext_conditioning/roundtrip"}}}
+
+
+def with_lora(api: dict, strength: float) -> dict:
+    loader = W.find(api, "KontextNativeModelLoader")[0]
+    lora = W.add_node(api, "LoraLoaderModelOnly", {"model": [loader, 0], "lora_name": A.LORA_NAME,
+                                                   "strength_model": strength})
+    for nid in W.find(api, "KontextNativeSampler"):
+        api[nid]["inputs"]["model"] = [lora, 0]
+    return api
+
+
+def img2img() -> dict:
+    api = sampler_settings(tiny("single_edit"), steps=10, seed=5, denoise=0.6, scheduler="kontext")
+    ref = W.find(api, "KontextNativeReferenceEncoder")[0]
+    api[W.find(api, "KontextNativeSampler")[0]]["inputs"]["latent"] = [ref, 1]
+    return with_saved_latents(api, "parity_img2img")
+
+
+def disable_guidance() -> dict:
+    api = tiny("kontext_official_basic")
+    for nid in W.find(api, "FluxGuidance"):
+        api[nid] = {"class_type": "FluxDisableGuidance", "inputs": {"conditioning": api[nid]["inputs"]["conditioning"]}}
+    return api
+
+
+def build_jobs() -> list[dict]:
+    jobs = [{"name": f"wf:{n}", "prompt": tiny(n)} for n in W.workflow_names()]
+    jobs += [
+        {"name": "parity_single", "prompt": with_saved_latents(tiny("single_edit"), "parity_single")},
+        {"name": "parity_composition", "prompt": with_saved_latents(sampler_settings(
+            tiny("two_reference_composition"), steps=6, seed=7, solver="dpmpp_2m", scheduler="kontext_unshifted"),
+            "parity_composition")},
+        {"name": "parity_true_cfg", "prompt": parity_true_cfg()},
+        {"name": "parity_img2img", "prompt": img2img()},
+        {"name": "lora", "prompt": with_saved_latents(with_lora(tiny("single_edit"), 1.0), "lora")},
+        {"name": "lora_off", "prompt": with_saved_latents(with_lora(tiny("single_edit"), 0.0), "lora_off")},
+        {"name": "lora_lowvram", "mode": "lowvram",
+         "prompt": with_saved_latents(with_lora(tiny("single_edit"), 1.0), "lora_lowvram")},
+        {"name": "disable_guidance", "prompt": disable_guidance()},
+        {"name": "ksampler_vs_ours", "prompt": ksampler_vs_ours()},
+        {"name": "lowvram", "mode": "lowvram",
+         "prompt": with_saved_latents(tiny("single_edit"), "lowvram")},
+        {"name": "interrupt", "mode": "interrupt", "prompt": tiny("single_edit")},
+        {"name": "wrong_model", "prompt": tiny("single_edit", A.NOT_A_TRANSFORMER)},
+        {"name": "buckets", "prompt": bucket_job()},
+        {"name": "save_conditioning", "prompt": save_conditioning_job()},
+    ]
+    for layout in ("comfy", "fp8", "diffusers", "scaled_fp8"):
+        jobs.append({"name": f"layout_{layout}", "prompt": with_saved_latents(
+            tiny("single_edit", A.__dict__["MODEL_" + layout.upper()]), f"layout_{layout}")})
+    jobs.append({"name": "weight_dtype_fp8", "prompt": with_saved_latents(
+        W.set_model(tiny("single_edit"), A.MODEL_BFL, "fp8_e4m3fn"), "weight_dtype_fp8")})
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def driver(host_assets):
+    jobs = build_jobs()
+    results = run_driver(host_assets, jobs)
+    return {"jobs": {j["name"]: j["prompt"] for j in jobs}, "results": results["jobs"], "boot": results["boot"],
+            "base": host_assets.base, "log": results["log"]}
+
+
+def job(driver, name: str) -> dict:
+    r = driver["results"][name]
+    assert "driver_error" not in r, r["driver_error"]
+    return r
+
+
+def ok(driver, name: str) -> dict:
+    r = job(driver, name)
+    if not r.get("success"):
+        errors = [m for m in r.get("messages", []) if m[0] == "execution_error"]
+        raise AssertionError(f"{name} failed: {r.get('validation_error') or r.get('node_errors') or errors} "
+                             f"(driver log: {driver['log']})")
+    return r
+
+
+def saved(driver, name: str, node_id: str, kind: str = "latents") -> list:
+    files = W.output_files(job(driver, name), node_id, kind)
+    assert files, f"{name}: node {node_id} saved nothing"
+    return [driver["base"] / "output" / f["subfolder"] / f["filename"] for f in files]
+
+
+def saved_latent(driver, name: str, prefix_part: str) -> torch.Tensor:
+    prompt = driver["jobs"][name]
+    for nid in W.find(prompt, "SaveLatent"):
+        if prompt[nid]["inputs"]["filename_prefix"].endswith(prefix_part):
+            return load_file(str(saved(driver, name, nid)[0]))["latent_tensor"]
+    raise KeyError(prefix_part)
+
+
+def image_sizes(driver, name: str) -> list[tuple[int, int]]:
+    prompt = driver["jobs"][name]
+    sizes = []
+    for nid in W.find(prompt, "SaveImage"):
+        for path in saved(driver, name, nid, "images"):
+            with Image.open(path) as im:
+                sizes.append(im.size)
+    return sizes
+
+
+# ------------------------------------------------------------------------------------------------------ tests
+
+def test_pack_loads_with_all_nodes(driver):
+    assert driver["boot"]["our_nodes"] == sorted([
+        "KontextNativeModelLoader", "KontextNativeImageBucket", "KontextNativeReferenceEncoder",
+        "KontextNativeSampler", "KontextNativeSaveConditioning", "KontextNativeLoadConditioning"])
+
+
+EXAMPLE = A.IMAGES["example.png"]  # placeholder images are used at their own size ('keep', see host_workflows)
+LATENT_HW = (EXAMPLE[1] // 8, EXAMPLE[0] // 8)
+EXPECTED_SIZES = {  # composition: the first reference's size (the scene)
+    "single_edit": [EXAMPLE], "text_replacement": [EXAMPLE], "edit_chain_3_turns": [EXAMPLE],
+    "kontext_official_basic": [EXAMPLE], "two_reference_composition": [A.IMAGES["scene.png"]],
+}
+
+
+@pytest.mark.parametrize("name", W.workflow_names())
+def test_shipped_workflow_runs(driver, name):
+    ok(driver, f"wf:{name}")
+    assert image_sizes(driver, f"wf:{name}") == EXPECTED_SIZES[name]
+
+
+def test_every_workflow_is_covered():
+    assert sorted(EXPECTED_SIZES) == W.workflow_names()
+
+
+def test_progress_and_previews(driver):
+    r = ok(driver, "wf:single_edit")
+    ours = [p for p in r["progress"] if p["class_type"] == "KontextNativeSampler"]
+    steps = driver["jobs"]["wf:single_edit"][W.find(driver["jobs"]["wf:single_edit"], "KontextNativeSampler")[0]]["inputs"]["steps"]
+    assert [p["value"] for p in ours] == list(range(1, steps + 1))
+    assert all(p["total"] == steps for p in ours)
+    assert all(p["preview"] for p in ours), "every step should send a latent preview"
+    # latent2rgb preview of the unpacked 16-channel x0: one pixel per latent cell
+    assert ours[0]["preview_size"] == [LATENT_HW[1], LATENT_HW[0]]
+
+
+def test_edit_chain_stays_in_latent_space(driver):
+    prompt = driver["jobs"]["wf:edit_chain_3_turns"]
+    samplers = W.find(prompt, "KontextNativeSampler")
+    refs = W.find(prompt, "KontextNativeReferenceEncoder")
+    assert len(samplers) == 3 and len(refs) == 3
+    # turns 2 and 3 take the previous sampler's LATENT directly (no VAE in between)
+    for ref, prev in zip(refs[1:], samplers[:-1]):
+        assert prompt[ref]["inputs"]["latent"] == [prev, 0] and "image" not in prompt[ref]["inputs"]
+    ok(driver, "wf:edit_chain_3_turns")
+
+
+def _engine_run(driver, name: str, cond_file: str, negative_file: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    prompt = driver["jobs"][name]
+    nid = W.find(prompt, "KontextNativeSampler")[0]
+    s = prompt[nid]["inputs"]
+    refs = [to_model_space(saved_latent(driver, name, f"ref_{r}")) for r in W.find(prompt, "KontextNativeReferenceEncoder")]
+    t5, pooled, _ = load_embeddings(driver["base"] / "models" / "kontext_conditioning" / cond_file)
+    neg = load_embeddings(driver["base"] / "models" / "kontext_conditioning" / negative_file) if negative_file else None
+    model = load_transformer(driver["base"] / "models" / "diffusion_models" / A.MODEL_BFL)
+    init = None
+    if "latent" in s:  # img2img from a reference encoder's LATENT output
+        init = to_model_space(saved_latent(driver, name, f"ref_{s['latent'][0]}"))
+    x, _ = sample(model, prompt_embeds=t5, pooled_prompt_embeds=pooled, references=refs, steps=s["steps"],
+                  denoise=s["denoise"], init_latent=init,
+                  guidance=s["guidance"], seed=s["seed"], layout="offset", solver=s["solver"],
+                  shift=s["scheduler"] == "kontext", true_cfg=s["true_cfg"],
+                  negative_prompt_embeds=None if neg is None else neg[0],
+                  negative_pooled_prompt_embeds=None if neg is None else neg[1], device="cpu", dtype=torch.float32)
+    ours = to_model_space(saved_latent(driver, name, f"out_{nid}"))
+    return ours, x
+
+
+@pytest.mark.parametrize("name,neg", [("parity_single", None), ("parity_composition", None),
+                                      ("parity_true_cfg", A.COND_FILES[2]), ("parity_img2img", None)])
+def test_sampler_matches_engine(driver, name, neg):
+    ok(driver, name)
+    ours, engine = _engine_run(driver, name, A.COND_FILES[0], neg)
+    assert ours.shape == engine.shape
+    torch.testing.assert_close(ours, engine, rtol=1e-4, atol=1e-4)
+
+
+def test_core_ksampler_and_reference_latent_work_with_our_model(driver):
+    ok(driver, "ksampler_vs_ours")
+    ks = saved_latent(driver, "ksampler_vs_ours", "vs/ksampler")
+    ours = saved_latent(driver, "ksampler_vs_ours", "vs/ours")
+    assert ks.shape == ours.shape == (1, 16, *LATENT_HW)
+    # same model, same sigmas (simple), same CPU noise: KSampler (euler, cfg 1) and our sampler agree
+    torch.testing.assert_close(ours, ks, rtol=1e-4, atol=1e-4)
+
+
+def test_partial_loading_casts_layers_and_keeps_the_result(driver):
+    normal = ok(driver, "parity_single")
+    low = ok(driver, "lowvram")
+    stats = low["lowvram"]
+    assert stats["load_calls"] >= 1 and stats["model_lowvram"] is True
+    assert stats["castable_modules"] > 0 and stats["casting_modules"] == stats["castable_modules"]
+    assert stats["loaded_weight_memory"] < stats["model_size"]
+    assert stats["cast_calls"] > 0, "no layer ran with comfy_cast_weights"
+    assert normal["cast_calls_total"] == 0  # fully loaded fp32 on CPU: weights are used in place
+    a = saved_latent(driver, "parity_single", "out_" + W.find(driver["jobs"]["parity_single"], "KontextNativeSampler")[0])
+    b = saved_latent(driver, "lowvram", "out_" + W.find(driver["jobs"]["lowvram"], "KontextNativeSampler")[0])
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+
+
+def test_interrupt_stops_sampling_promptly(driver):
+    r = job(driver, "interrupt")
+    assert r["success"] is False
+    assert any(m[0] == "execution_interrupted" for m in r["messages"])
+    ours = [p for p in r["progress"] if p["class_type"] == "KontextNativeSampler"]
+    assert 1 <= len(ours) <= 2
+
+
+def test_loader_rejects_a_vae_file(driver):
+    r = job(driver, "wrong_model")
+    assert r["success"] is False
+    err = [m[1] for m in r["messages"] if m[0] == "execution_error"]
+    assert err and err[0]["node_type"] == "KontextNativeModelLoader"
+    assert "autoencoder" in err[0]["exception_message"] and A.NOT_A_TRANSFORMER in err[0]["exception_message"]
+
+
+@pytest.mark.parametrize("layout,tol", [("comfy", 0.0), ("diffusers", 1e-5), ("fp8", None), ("scaled_fp8", None)])
+def test_checkpoint_layouts(driver, layout, tol):
+    ok(driver, f"layout_{layout}")
+    base = saved_latent(driver, "parity_single", "out_" + W.find(driver["jobs"]["parity_single"], "KontextNativeSampler")[0])
+    p = driver["jobs"][f"layout_{layout}"]
+    out = saved_latent(driver, f"layout_{layout}", "out_" + W.find(p, "KontextNativeSampler")[0])
+    assert out.shape == base.shape and torch.isfinite(out).all()
+    if tol is not None:  # the same weights in another layout: the same result
+        torch.testing.assert_close(out, base, rtol=0, atol=tol)
+    else:  # fp8-stored weights (cast per layer): close to the fp32 run (a missing scale would be far off)
+        rel = float((out - base).norm() / base.norm())
+        assert rel < 0.2, rel
+
+
+def test_fp8_weight_dtype_option(driver):
+    ok(driver, "weight_dtype_fp8")
+    p = driver["jobs"]["weight_dtype_fp8"]
+    out = saved_latent(driver, "weight_dtype_fp8", "out_" + W.find(p, "KontextNativeSampler")[0])
+    assert out.shape == (1, 16, *LATENT_HW) and torch.isfinite(out).all()
+
+
+def test_bucket_modes(driver):
+    ok(driver, "buckets")
+    w, h = A.IMAGES["scene.png"]
+    bucket = nearest_bucket(w, h)
+    assert image_sizes(driver, "buckets") == [bucket, bucket, bucket, (w, h)]
+
+
+def test_conditioning_cache_round_trip(driver):
+    r = ok(driver, "save_conditioning")
+    files = list((driver["base"] / "output" / "kontext_conditioning").glob("roundtrip_*.safetensors"))
+    assert len(files) == 1, r["outputs"]
+    a = load_embeddings(files[0])
+    b = load_embeddings(driver["base"] / "models" / "kontext_conditioning" / A.COND_FILES[0])
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2]
+
+
+def _out(driver, name):
+    return saved_latent(driver, name, "out_" + W.find(driver["jobs"][name], "KontextNativeSampler")[0])
+
+
+def test_core_lora_loader_patches_our_model(driver):
+    base, on, off, low = (_out(driver, n) for n in ("parity_single", "lora", "lora_off", "lora_lowvram"))
+    torch.testing.assert_close(off, base, rtol=0, atol=1e-6)  # strength 0: untouched
+    assert float((on - base).norm() / base.norm()) > 1e-3  # the LoRA changes the result
+    # partially loaded: the LoRA is applied per use (LowVramPatch) instead of baked in; same result
+    assert job(driver, "lora_lowvram")["lowvram"]["cast_calls"] > 0
+    torch.testing.assert_close(low, on, rtol=1e-5, atol=1e-5)
+
+
+def test_flux_disable_guidance_runs(driver):
+    ok(driver, "disable_guidance")
+    assert image_sizes(driver, "disable_guidance") == [EXAMPLE]
