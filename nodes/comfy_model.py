@@ -121,11 +121,17 @@ def _fill_missing_scales(module: torch.nn.Module) -> None:
 
 
 def load_transformer_model(source, weight_dtype: str = "default", *, operations=None, params_override=None,
-                           checkpoint: Checkpoint | None = None) -> comfy.model_patcher.ModelPatcher:
+                           checkpoint: Checkpoint | None = None, unet_dtype: torch.dtype | None = None,
+                           keep_stored: bool = False, config_class: type | None = None,
+                           patcher_class: type | None = None) -> comfy.model_patcher.ModelPatcher:
     """Any transformer the engine reads (BFL, ComfyUI-prefixed, diffusers folder; fp32/bf16/fp16/fp8) -> MODEL.
 
     Weights that already have the storage dtype are the file's memory-mapped pages (no copy); others are
     converted once. fp8 files stay fp8 and are cast per layer at use (ComfyUI's manual-cast ops).
+
+    Hooks for quantized loaders (GGUF, see gguf_model.py): `unet_dtype` fixes the model dtype instead of
+    choosing it from `weight_dtype`; `keep_stored` keeps every tensor as the file stores it (the layers cast at
+    use); `config_class` / `patcher_class` replace KontextNativeConfig / ModelPatcher.
     """
     prep = logic.prepare_checkpoint(source, params_override, checkpoint)
     params, tensors = prep.params, prep.tensors
@@ -135,7 +141,9 @@ def load_transformer_model(source, weight_dtype: str = "default", *, operations=
     supported = KontextNativeConfig.supported_inference_dtypes
     n_params = sum(t.numel() for t in tensors.values() if hasattr(t, "numel"))
     stored = prep.stored_dtype
-    if prep.scaled_fp8 is not None:
+    if unet_dtype is not None:
+        pass
+    elif prep.scaled_fp8 is not None:
         if weight_dtype != "default":
             log.warning("%s is a scaled-fp8 file: weight_dtype '%s' is ignored (the scales belong to the fp8 "
                         "weights).", prep.source, weight_dtype)
@@ -146,7 +154,7 @@ def load_transformer_model(source, weight_dtype: str = "default", *, operations=
             lambda: mm.unet_dtype(model_params=n_params, supported_dtypes=supported, weight_dtype=stored))
     manual_cast = mm.unet_manual_cast(unet_dtype, load_device, supported)
 
-    config = KontextNativeConfig(params)
+    config = (config_class or KontextNativeConfig)(params)
     config.set_inference_dtype(unet_dtype, manual_cast)
     if prep.scaled_fp8 is not None:
         config.scaled_fp8 = prep.scaled_fp8
@@ -158,7 +166,8 @@ def load_transformer_model(source, weight_dtype: str = "default", *, operations=
 
     sd = {}
     for k, t in tensors.items():
-        dt = logic.tensor_storage_dtype(k, t, unet_dtype, manual_cast, scaled_fp8=prep.scaled_fp8 is not None)
+        dt = None if keep_stored else logic.tensor_storage_dtype(k, t, unet_dtype, manual_cast,
+                                                                 scaled_fp8=prep.scaled_fp8 is not None)
         sd[k] = t if dt is None or t.dtype == dt else t.to(dt)
     missing, unexpected = dit.load_state_dict(sd, strict=False, assign=True)
     extra = ("scale_weight", "scale_input")
@@ -176,7 +185,8 @@ def load_transformer_model(source, weight_dtype: str = "default", *, operations=
     log.info("Kontext native model: %s (%s layout), %d double + %d single blocks, weights %s, compute %s",
              prep.source, prep.layout, params.depth, params.depth_single_blocks, unet_dtype,
              manual_cast or unet_dtype)
-    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    return (patcher_class or comfy.model_patcher.ModelPatcher)(model, load_device=load_device,
+                                                               offload_device=offload_device)
 
 
 

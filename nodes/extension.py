@@ -6,12 +6,12 @@ from comfy_api.latest import ComfyExtension, io
 
 from . import comfy_model
 from .images import ImageBucket
-from .loaders import LoadConditioning, ModelLoader, SaveConditioning
+from .loaders import GGUFLoader, LoadConditioning, ModelLoader, SaveConditioning
 from .reference import ReferenceEncoder
 from .sampler import Sampler
 
-NODES: list[type[io.ComfyNode]] = [ModelLoader, ImageBucket, ReferenceEncoder, Sampler, SaveConditioning,
-                                   LoadConditioning]
+NODES: list[type[io.ComfyNode]] = [ModelLoader, GGUFLoader, ImageBucket, ReferenceEncoder, Sampler,
+                                   SaveConditioning, LoadConditioning]
 
 
 class KontextNativeExtension(ComfyExtension):

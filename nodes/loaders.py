@@ -1,4 +1,4 @@
-"""Loader nodes: the transformer (any layout the engine reads) and the conditioning cache."""
+"""Loader nodes: the transformer (any layout the engine reads, or a GGUF quantization) and the conditioning cache."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from comfy_api.latest import io
 
 from kontext_core.conditioning import load_embeddings, save_embeddings
 
-from . import comfy_model, logic
+from . import comfy_model, gguf_logic, gguf_model, logic
 
 log = logging.getLogger("kontext_native")
 CATEGORY = "KontextNative"
@@ -45,6 +45,40 @@ class ModelLoader(io.ComfyNode):
     def execute(cls, model_name, weight_dtype="default") -> io.NodeOutput:
         path = comfy_model.resolve_model_choice(model_name)
         return io.NodeOutput(comfy_model.load_transformer_model(path, weight_dtype))
+
+
+class GGUFLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="KontextNativeGGUFLoader",
+            display_name="Load Kontext GGUF (native)",
+            category=f"{CATEGORY}/loaders",
+            description="Loads a GGUF-quantized FLUX.1 Kontext transformer (Q8_0, Q6_K, Q5_K_M, Q4_K_M, ...) with "
+                        "the native engine. The weights stay quantized in memory and are dequantized layer by "
+                        "layer at use, so a Q4_K_M model needs about a quarter of the bf16 memory; ComfyUI can "
+                        "still load it partially. Works with core KSampler, ReferenceLatent, FluxGuidance and "
+                        "LoraLoaderModelOnly (the LoRA is applied at use, the weights are never made dense).",
+            inputs=[
+                io.Combo.Input(
+                    "gguf_name", options=gguf_model.gguf_file_choices(),
+                    tooltip="A .gguf transformer from models/diffusion_models (or models/unet), e.g. "
+                            "flux1-kontext-dev-Q4_K_M.gguf. Q8_0 is nearly lossless, Q5_K_M / Q4_K_M are the "
+                            "usual quality/size trade-offs, Q3_K / Q2_K lose visible detail."),
+                io.Combo.Input(
+                    "compute_dtype", options=list(gguf_logic.COMPUTE_DTYPES), default="default",
+                    tooltip="Dtype the weights are dequantized to and the model runs in. default: what ComfyUI "
+                            "picks for your device (bf16 on recent GPUs, fp16 on older ones, fp32 on CPU). fp16 "
+                            "can overflow with FLUX on some prompts; prefer bf16 where the GPU supports it."),
+            ],
+            outputs=[io.Model.Output(tooltip="The quantized Kontext transformer, wrapped for ComfyUI's memory "
+                                             "manager.")],
+        )
+
+    @classmethod
+    def execute(cls, gguf_name, compute_dtype="default") -> io.NodeOutput:
+        path = gguf_model.resolve_gguf_choice(gguf_name)
+        return io.NodeOutput(gguf_model.load_gguf_model(path, compute_dtype))
 
 
 class SaveConditioning(io.ComfyNode):

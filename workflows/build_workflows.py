@@ -22,6 +22,7 @@ UPLOAD = "$upload"  # LoadImage's upload button widget
 # node type -> (socket inputs [(name, type)], outputs [(name, type)], widgets in frontend order)
 SPECS: dict[str, tuple[list, list, list]] = {
     "KontextNativeModelLoader": ([], [("MODEL", "MODEL")], ["model_name", "weight_dtype"]),
+    "KontextNativeGGUFLoader": ([], [("MODEL", "MODEL")], ["gguf_name", "compute_dtype"]),
     "KontextNativeImageBucket": ([("image", "IMAGE"), ("mask", "MASK")],
                                  [("IMAGE", "IMAGE"), ("width", "INT"), ("height", "INT")], ["mode"]),
     "KontextNativeReferenceEncoder": ([("conditioning", "CONDITIONING"), ("vae", "VAE"), ("image", "IMAGE"),
@@ -57,6 +58,8 @@ MODEL_FILE = "flux1-kontext-dev.safetensors"
 T5_FILE = "t5xxl_fp16.safetensors"
 CLIP_FILE = "clip_l.safetensors"
 VAE_FILE = "ae.safetensors"
+GGUF_FILE = "flux1-kontext-dev-Q4_K_M.gguf"
+T5_FP8_FILE = "t5xxl_fp8_e4m3fn_scaled.safetensors"
 
 FILES_NOTE = (
     "Files to place (paths inside your ComfyUI folder):\n"
@@ -351,7 +354,65 @@ def official_basic() -> Graph:
     return g
 
 
-WORKFLOWS = [single_edit, edit_chain, composition, text_replacement, official_basic]
+GGUF_NOTE = (
+    "Files to place (paths inside your ComfyUI folder):\n"
+    f"- models/diffusion_models/{GGUF_FILE}: a GGUF quantization of the FLUX.1 Kontext [dev] transformer "
+    "(flux1-kontext-dev-Q8_0 / Q6_K / Q5_K_M / Q4_K_M / Q3_K_M .gguf; models/unet works too). Q8_0 is close to "
+    "the bf16 original; Q5_K_M or Q4_K_M for 8-12 GB GPUs; Q3_K / Q2_K only when nothing else fits\n"
+    f"- models/text_encoders/{T5_FP8_FILE} (or t5xxl_fp16.safetensors) and models/text_encoders/{CLIP_FILE}\n"
+    f"- models/vae/{VAE_FILE}: the FLUX autoencoder\n"
+    "- your image in input/ (or upload it in the LoadImage node)\n\n"
+    "Low VRAM: the transformer stays quantized in memory and each layer is dequantized when it runs; ComfyUI "
+    "loads what fits and streams the rest. Two edits in a row stay in latent space: turn 1's LATENT is turn 2's "
+    "reference, nothing is decoded and re-encoded in between (turn 1 is only previewed). "
+    "LoraLoaderModelOnly can go between the loader and the samplers; the LoRA is applied at use."
+)
+
+
+def low_vram_gguf_chain() -> Graph:
+    g = Graph("low_vram_gguf_chain")
+    g.add("Note", (40, 40), {"text": GGUF_NOTE}, size=(420, 380), title="Files and how to use")
+    model = g.add("KontextNativeGGUFLoader", (40, 460), {"gguf_name": GGUF_FILE, "compute_dtype": "default"},
+                  size=(340, 90))
+    clip = g.add("DualCLIPLoader", (40, 600), {"clip_name1": CLIP_FILE, "clip_name2": T5_FP8_FILE, "type": "flux",
+                                              "device": "default"}, size=(340, 130))
+    vae = g.add("VAELoader", (40, 780), {"vae_name": VAE_FILE}, size=(340, 60))
+    img = g.add("LoadImage", (500, 40), {"image": "example.png"}, size=(320, 330))
+    bucket = g.add("KontextNativeImageBucket", (860, 40), {"mode": "stretch"}, size=(280, 110))
+    g.link(img, 0, bucket, "image")
+    g.link(img, 1, bucket, "mask")
+    prompts = ["Change the season to autumn: orange and red leaves. Keep everything else the same.",
+               "Add a small red bicycle leaning against the wall, matching the lighting."]
+    prev = None
+    for turn, prompt in enumerate(prompts):
+        x = 420 + turn * 520
+        text = g.add("CLIPTextEncode", (x, 900), {"text": prompt}, size=(400, 140), title=f"Turn {turn + 1}")
+        g.link(clip, 0, text, "clip")
+        ref = g.add("KontextNativeReferenceEncoder", (x, 420), {"layout": "offset"}, size=(300, 140),
+                    title=f"Reference (turn {turn + 1})")
+        g.link(text, 0, ref, "conditioning")
+        if prev is None:
+            g.link(vae, 0, ref, "vae")
+            g.link(bucket, 0, ref, "image")
+        else:
+            g.link(prev, 0, ref, "latent")
+        sampler = g.add("KontextNativeSampler", (x + 120, 580), _sampler_widgets(turn, steps=20), size=(320, 340),
+                        title=f"Kontext Sampler (turn {turn + 1})")
+        g.link(model, 0, sampler, "model")
+        g.link(ref, 0, sampler, "positive")
+        dec = g.add("VAEDecode", (x + 120, 1100), size=(200, 50))
+        g.link(sampler, 0, dec, "samples")
+        g.link(vae, 0, dec, "vae")
+        if turn < len(prompts) - 1:
+            out = g.add("PreviewImage", (x + 120, 1180), size=(320, 320), title=f"Turn {turn + 1}")
+        else:
+            out = g.add("SaveImage", (x + 120, 1180), {"filename_prefix": "kontext/gguf_chain"}, size=(400, 420))
+        g.link(dec, 0, out, "images")
+        prev = sampler
+    return g
+
+
+WORKFLOWS = [single_edit, edit_chain, composition, text_replacement, official_basic, low_vram_gguf_chain]
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 """Tiny weights, conditionings and images in real layouts, written into a ComfyUI `--base-directory`.
 
 Runs in the pytest interpreter (it has diffusers). Sizes are chosen so a whole workflow takes seconds on CPU:
-the transformer is tests/tiny_models.py's 2+2-block FLUX (hidden 64, T5 width 32, pooled 24); images are 32-48 px.
+the transformer is tests/tiny_models.py's 2+2-block FLUX (hidden 64, T5 width 32, pooled 24), also as GGUF files
+converted by the engine (write_gguf_assets, with broken ones for the error paths); images are 32-48 px.
 The autoencoder must be full width: this ComfyUI's VAE loader hard-codes ch=128 / ch_mult (1,2,4,4) for LDM
 files (only z_channels is read from the weights), so a narrower AE would not load. It is the FLUX AE
 architecture with random weights (84M parameters, bf16 on disk), converted to BFL's LDM key names.
@@ -35,6 +36,17 @@ NOT_A_TRANSFORMER = "not_a_transformer.safetensors"
 VAE_NAME = "ae.safetensors"
 LORA_NAME = "kontext_tiny_lora.safetensors"
 COND_FILES = [f"tiny_prompt_{i}.safetensors" for i in range(3)]
+# GGUF quantizations of MODEL_BFL, made with the engine's converter. Row lengths of the tiny model are 64-320:
+# Q8_0 (blocks of 32) quantizes every block weight; Q4_K_M (blocks of 256) quantizes the MLP down projections
+# (in_features 256) to Q4_K and keeps the rest F16/F32, as the converter's policy says.
+MODEL_GGUF_Q8 = "kontext_tiny_Q8_0.gguf"
+MODEL_GGUF_Q4KM = "kontext_tiny_Q4_K_M.gguf"
+BAD_GGUF = {"truncated": "kontext_tiny_truncated.gguf", "not_flux": "t5_encoder_Q8_0.gguf",
+            "unsupported": "kontext_tiny_TQ1_0.gguf", "renamed": "renamed_safetensors.gguf"}
+# A LoRA touching Q8_0 / Q4_K / F16-stored GGUF layers (the MLP down projection is Q4_K in the Q4_K_M file).
+GGUF_LORA_NAME = "kontext_tiny_gguf_lora.safetensors"
+GGUF_LORA_KEYS = ("double_blocks.0.img_attn.qkv", "double_blocks.0.img_mlp.2", "double_blocks.1.txt_mlp.2",
+                  "single_blocks.0.linear1", "single_blocks.1.linear2", "final_layer.linear")
 IMAGES = {"example.png": (32, 32), "scene.png": (48, 32), "character.png": (32, 48)}  # (width, height)
 
 
@@ -73,6 +85,37 @@ def write_scaled_fp8(model, path: Path) -> None:
         else:
             out[k] = v.to(torch.bfloat16)
     save_file(out, str(path))
+
+
+def write_gguf_assets(dm: Path, loras: Path, g: torch.Generator) -> None:
+    """Tiny GGUF files (good and bad) in diffusion_models, and a LoRA for them."""
+    import gguf
+    from gguf import GGMLQuantizationType as QT
+
+    from kontext_core.quant.gguf_quantize import convert_to_gguf
+    from kontext_core.weights.gguf_file import write_gguf
+
+    convert_to_gguf(dm / MODEL_BFL, dm / MODEL_GGUF_Q8, "Q8_0")
+    convert_to_gguf(dm / MODEL_BFL, dm / MODEL_GGUF_Q4KM, "Q4_K_M")
+    data = (dm / MODEL_GGUF_Q8).read_bytes()
+    (dm / BAD_GGUF["truncated"]).write_bytes(data[:len(data) * 2 // 3])  # an interrupted download
+    write_gguf(dm / BAD_GGUF["not_flux"], [("enc.blk.0.attn_q.weight", np.ones((64, 64), np.float32), QT.Q8_0,
+                                            (64, 64))], arch="t5")
+    w = gguf.GGUFWriter(dm / BAD_GGUF["unsupported"], "flux")  # a ternary type the engine cannot decode
+    w.add_tensor("img_in.weight", np.zeros((2, 54), np.uint8), raw_shape=(2, 54), raw_dtype=QT.TQ1_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    shutil.copy(dm / MODEL_BFL, dm / BAD_GGUF["renamed"])
+    bfl = load_file(str(dm / MODEL_BFL))
+    lora = {}
+    for key in GGUF_LORA_KEYS:
+        out_f, in_f = bfl[key + ".weight"].shape
+        lora[f"diffusion_model.{key}.lora_down.weight"] = 0.3 * torch.randn(4, in_f, generator=g)
+        lora[f"diffusion_model.{key}.lora_up.weight"] = 0.3 * torch.randn(out_f, 4, generator=g)
+        lora[f"diffusion_model.{key}.alpha"] = torch.tensor(2.0)
+    save_file(lora, str(loras / GGUF_LORA_NAME))
 
 
 def write_image(path: Path, size: tuple[int, int], seed: int) -> None:
@@ -114,6 +157,7 @@ def write_host_assets(base: Path, repo_root: Path) -> HostAssets:
         lora[f"diffusion_model.{key}.lora_up.weight"] = 0.3 * torch.randn(out_f, 4, generator=g)
         lora[f"diffusion_model.{key}.alpha"] = torch.tensor(4.0)
     save_file(lora, str(base / "models" / "loras" / LORA_NAME))
+    write_gguf_assets(dm, base / "models" / "loras", torch.Generator().manual_seed(99))
     conds = []
     for i, name in enumerate(COND_FILES):
         t5 = torch.randn(1, TEXT_TOKENS, CONTEXT_DIM, generator=g)
@@ -125,5 +169,5 @@ def write_host_assets(base: Path, repo_root: Path) -> HostAssets:
         write_image(base / "input" / name, size, seed=i)
     return HostAssets(base, base / "models",
                       {"bfl": MODEL_BFL, "comfy": MODEL_COMFY, "fp8": MODEL_FP8, "diffusers": MODEL_DIFFUSERS,
-                       "scaled_fp8": MODEL_SCALED_FP8},
+                       "scaled_fp8": MODEL_SCALED_FP8, "gguf_q8": MODEL_GGUF_Q8, "gguf_q4km": MODEL_GGUF_Q4KM},
                       conds)

@@ -8,7 +8,7 @@ The rewrites (documented here, applied to copies of workflows/*.api.json):
 * image size: the 1 MP Kontext buckets would make the (full-width) test autoencoder take minutes on CPU, so
   Kontext Image Bucket runs in 'keep' mode (the 32-48 px test images keep their size) and core FluxKontextImageScale is bypassed
   (its consumers are linked to its input). Everything else (steps, guidance, solvers, schedulers) is as shipped.
-* the model loader reads one of the tiny checkpoints.
+* the model loader reads one of the tiny checkpoints; the GGUF loader one of the tiny GGUF quantizations.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ WORKFLOWS = REPO / "workflows"
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 # Combos whose options are files on the user's machine: their values are placeholders, not checked.
-FILE_WIDGETS = {"model_name", "clip_name1", "clip_name2", "vae_name", "image", "conditioning_file"}
+FILE_WIDGETS = {"model_name", "gguf_name", "clip_name1", "clip_name2", "vae_name", "image", "conditioning_file"}
 
 
 def workflow_names() -> list[str]:
@@ -72,18 +72,31 @@ def use_fast_images(api: dict) -> dict:
     return api
 
 
-def set_model(api: dict, model_name: str, weight_dtype: str | None = None) -> dict:
+def set_model(api: dict, model_name: str | None, weight_dtype: str | None = None, gguf_name: str | None = None) -> dict:
     api = copy.deepcopy(api)
     for node in api.values():
-        if node["class_type"] == "KontextNativeModelLoader":
+        if node["class_type"] == "KontextNativeModelLoader" and model_name is not None:
             node["inputs"]["model_name"] = model_name
             if weight_dtype is not None:
                 node["inputs"]["weight_dtype"] = weight_dtype
+        if node["class_type"] == "KontextNativeGGUFLoader" and gguf_name is not None:
+            node["inputs"]["gguf_name"] = gguf_name
     return api
 
 
-def for_tiny_models(api: dict, model_name: str, cond_files: list[str]) -> dict:
-    return set_model(use_fast_images(use_tiny_text(api, cond_files)), model_name)
+def use_gguf(api: dict, gguf_name: str, compute_dtype: str = "default") -> dict:
+    """Every KontextNativeModelLoader replaced, under the same node id, by the GGUF loader reading `gguf_name`."""
+    api = copy.deepcopy(api)
+    for nid, node in api.items():
+        if node["class_type"] == "KontextNativeModelLoader":
+            api[nid] = {"class_type": "KontextNativeGGUFLoader",
+                        "inputs": {"gguf_name": gguf_name, "compute_dtype": compute_dtype},
+                        "_meta": {"title": "KontextNativeGGUFLoader"}}
+    return api
+
+
+def for_tiny_models(api: dict, model_name: str, cond_files: list[str], gguf_name: str | None = None) -> dict:
+    return set_model(use_fast_images(use_tiny_text(api, cond_files)), model_name, gguf_name=gguf_name)
 
 
 def add_node(api: dict, class_type: str, inputs: dict) -> str:

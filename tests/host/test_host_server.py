@@ -9,8 +9,9 @@ import host_assets as A
 import host_workflows as W
 from host_env import ComfyServer
 
-OUR_NODES = ["KontextNativeModelLoader", "KontextNativeImageBucket", "KontextNativeReferenceEncoder",
-             "KontextNativeSampler", "KontextNativeSaveConditioning", "KontextNativeLoadConditioning"]
+OUR_NODES = ["KontextNativeModelLoader", "KontextNativeGGUFLoader", "KontextNativeImageBucket",
+             "KontextNativeReferenceEncoder", "KontextNativeSampler", "KontextNativeSaveConditioning",
+             "KontextNativeLoadConditioning"]
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +42,11 @@ def test_object_info_lists_our_nodes_with_tooltips(object_info):
     # .safetensors in diffusion_models) and is rejected when loaded
     assert A.MODEL_DIFFUSERS in choices and A.MODEL_BFL in choices and A.MODEL_COMFY in choices
     assert not [c for c in choices if c.startswith(A.MODEL_DIFFUSERS) and c != A.MODEL_DIFFUSERS]
+    assert not [c for c in choices if c.endswith(".gguf")]
+    # the GGUF loader lists the .gguf files of the same folders (key unet_gguf), and nothing else
+    gguf = object_info["KontextNativeGGUFLoader"]["input"]["required"]["gguf_name"]
+    gguf_choices = gguf[1]["options"] if gguf[0] == "COMBO" else gguf[0]
+    assert sorted(gguf_choices) == sorted([A.MODEL_GGUF_Q8, A.MODEL_GGUF_Q4KM, *A.BAD_GGUF.values()])
 
 
 @pytest.mark.parametrize("name", W.workflow_names())

@@ -27,7 +27,7 @@ def to_model_space(raw: torch.Tensor) -> torch.Tensor:
 
 
 def tiny(name: str, model: str = A.MODEL_BFL) -> dict:
-    return W.for_tiny_models(W.load_api(name), model, A.COND_FILES)
+    return W.for_tiny_models(W.load_api(name), model, A.COND_FILES, gguf_name=A.MODEL_GGUF_Q4KM)
 
 
 def sampler_settings(api: dict, **widgets) -> dict:
@@ -183,7 +183,7 @@ def image_sizes(driver, name: str) -> list[tuple[int, int]]:
 
 def test_pack_loads_with_all_nodes(driver):
     assert driver["boot"]["our_nodes"] == sorted([
-        "KontextNativeModelLoader", "KontextNativeImageBucket", "KontextNativeReferenceEncoder",
+        "KontextNativeModelLoader", "KontextNativeGGUFLoader", "KontextNativeImageBucket", "KontextNativeReferenceEncoder",
         "KontextNativeSampler", "KontextNativeSaveConditioning", "KontextNativeLoadConditioning"])
 
 
@@ -192,6 +192,7 @@ LATENT_HW = (EXAMPLE[1] // 8, EXAMPLE[0] // 8)
 EXPECTED_SIZES = {  # composition: the first reference's size (the scene)
     "single_edit": [EXAMPLE], "text_replacement": [EXAMPLE], "edit_chain_3_turns": [EXAMPLE],
     "kontext_official_basic": [EXAMPLE], "two_reference_composition": [A.IMAGES["scene.png"]],
+    "low_vram_gguf_chain": [EXAMPLE],
 }
 
 
@@ -225,6 +226,18 @@ def test_edit_chain_stays_in_latent_space(driver):
     for ref, prev in zip(refs[1:], samplers[:-1]):
         assert prompt[ref]["inputs"]["latent"] == [prev, 0] and "image" not in prompt[ref]["inputs"]
     ok(driver, "wf:edit_chain_3_turns")
+
+
+def test_gguf_chain_stays_in_latent_space(driver):
+    prompt = driver["jobs"]["wf:low_vram_gguf_chain"]
+    samplers = W.find(prompt, "KontextNativeSampler")
+    refs = W.find(prompt, "KontextNativeReferenceEncoder")
+    loader = W.find(prompt, "KontextNativeGGUFLoader")
+    assert len(samplers) == 2 and len(refs) == 2 and len(loader) == 1
+    assert prompt[refs[1]]["inputs"]["latent"] == [samplers[0], 0] and "image" not in prompt[refs[1]]["inputs"]
+    assert all(prompt[s]["inputs"]["model"] == [loader[0], 0] for s in samplers)
+    r = ok(driver, "wf:low_vram_gguf_chain")
+    assert [f["model_class"] for f in r["lowvram"]["loads"]] == ["KontextNativeGGUFFlux"] * 2
 
 
 def _engine_run(driver, name: str, cond_file: str, negative_file: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 WF = ROOT / "workflows"
 NAMES = sorted(p.name[:-len(".api.json")] for p in WF.glob("*.api.json"))
 OUR_NODES = {"KontextNativeModelLoader", "KontextNativeImageBucket", "KontextNativeReferenceEncoder",
-             "KontextNativeSampler", "KontextNativeSaveConditioning", "KontextNativeLoadConditioning"}
+             "KontextNativeSampler", "KontextNativeSaveConditioning", "KontextNativeLoadConditioning",
+             "KontextNativeGGUFLoader"}
 
 
 def _builder():
@@ -26,7 +27,7 @@ def _builder():
 
 def test_expected_workflows_exist():
     assert NAMES == sorted(["single_edit", "edit_chain_3_turns", "two_reference_composition", "text_replacement",
-                            "kontext_official_basic"])
+                            "kontext_official_basic", "low_vram_gguf_chain"])
     for n in NAMES:
         assert (WF / f"{n}.json").is_file()
 
