@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError
-from ..weights.flux_layout import describe_keys
+from ..weights.flux_layout import DIFFUSERS_DOUBLE_BLOCK, DIFFUSERS_TOP_LEVEL, describe_keys
 
 _PAIRS = ((".lora_A.weight", ".lora_B.weight"), (".lora_down.weight", ".lora_up.weight"),
           (".lora.down.weight", ".lora.up.weight"))
@@ -86,17 +86,8 @@ class LoraHandle:
 
 def _diffusers_target(name: str, hidden: int, mlp: int) -> tuple[str, tuple[int, int] | None, bool] | None:
     """diffusers module name -> (BFL module, row slice, swap halves)."""
-    simple = {
-        "x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
-        "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
-        "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
-        "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
-        "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
-        "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
-        "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
-    }
-    if name in simple:
-        return simple[name], None, False
+    if name in DIFFUSERS_TOP_LEVEL:
+        return DIFFUSERS_TOP_LEVEL[name], None, False
     if name == "norm_out.linear":
         return "final_layer.adaLN_modulation.1", None, True
     h = hidden
@@ -104,11 +95,8 @@ def _diffusers_target(name: str, hidden: int, mlp: int) -> tuple[str, tuple[int,
     m = re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", name)
     if m:
         b, rest = f"double_blocks.{m.group(1)}.", m.group(2)
-        table = {"attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj", "ff.net.0.proj": "img_mlp.0",
-                 "ff.net.2": "img_mlp.2", "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2",
-                 "norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin"}
-        if rest in table:
-            return b + table[rest], None, False
+        if rest in DIFFUSERS_DOUBLE_BLOCK:
+            return b + DIFFUSERS_DOUBLE_BLOCK[rest], None, False
         if (q := re.fullmatch(r"attn\.to_([qkv])", rest)):
             return b + "img_attn.qkv", qkv[q.group(1)], False
         if (q := re.fullmatch(r"attn\.add_([qkv])_proj", rest)):

@@ -64,7 +64,8 @@ def _swap_halves(t: Tensor) -> Tensor:
     return torch.cat([b, a], dim=0)
 
 
-_DIFFUSERS_DIRECT = {
+# diffusers module -> BFL module (also used to map diffusers LoRA keys)
+DIFFUSERS_TOP_LEVEL = {
     "x_embedder": "img_in",
     "context_embedder": "txt_in",
     "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
@@ -75,7 +76,7 @@ _DIFFUSERS_DIRECT = {
     "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
     "proj_out": "final_layer.linear",
 }
-_DOUBLE_DIRECT = {
+DIFFUSERS_DOUBLE_BLOCK = {
     "norm1.linear": "img_mod.lin",
     "norm1_context.linear": "txt_mod.lin",
     "attn.to_out.0": "img_attn.proj",
@@ -113,7 +114,7 @@ def diffusers_to_bfl(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
             elif any(present):
                 raise CheckpointError(f"diffusers transformer has only some of {keys}")
 
-    for d, b in _DIFFUSERS_DIRECT.items():
+    for d, b in DIFFUSERS_TOP_LEVEL.items():
         for suffix in ("weight", "bias"):
             if f"{d}.{suffix}" in src:
                 out[f"{b}.{suffix}"] = take(f"{d}.{suffix}")
@@ -127,7 +128,7 @@ def diffusers_to_bfl(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
         s, d = f"transformer_blocks.{i}.", f"double_blocks.{i}."
         fuse(d + "img_attn.qkv", [s + "attn.to_q", s + "attn.to_k", s + "attn.to_v"])
         fuse(d + "txt_attn.qkv", [s + "attn.add_q_proj", s + "attn.add_k_proj", s + "attn.add_v_proj"])
-        for a, b in _DOUBLE_DIRECT.items():
+        for a, b in DIFFUSERS_DOUBLE_BLOCK.items():
             for suffix in ("weight", "bias"):
                 if s + f"{a}.{suffix}" in src:
                     out[d + f"{b}.{suffix}"] = take(s + f"{a}.{suffix}")

@@ -114,3 +114,27 @@ class ComfyServer:
                 self.proc.kill()
                 self.proc.wait(timeout=30)
         self._log.close()
+
+
+# --- reading driver results (shared by the host test modules) ---------------------------------------------
+
+SCALE, SHIFT = 0.3611, 0.1159  # FLUX latent format: model space = (raw - shift) * scale
+
+
+def to_model_space(raw):
+    return (raw.float() - SHIFT) * SCALE
+
+
+def job(driver, name: str) -> dict:
+    r = driver["results"][name]
+    assert "driver_error" not in r, r["driver_error"]
+    return r
+
+
+def ok(driver, name: str) -> dict:
+    r = job(driver, name)
+    if not r.get("success"):
+        errors = [m for m in r.get("messages", []) if m[0] == "execution_error"]
+        raise AssertionError(f"{name} failed: {r.get('validation_error') or r.get('node_errors') or errors} "
+                             f"(driver log: {driver['log']})")
+    return r

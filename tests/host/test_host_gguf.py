@@ -14,14 +14,13 @@ from safetensors.torch import load_file
 
 import host_assets as A
 import host_workflows as W
-from host_env import run_driver
+from host_env import job, ok, run_driver, to_model_space
 from kontext_core.conditioning import load_embeddings
 from kontext_core.pipeline import sample
 from kontext_core.quant.lora import apply_lora
 from kontext_core.weights.gguf_file import read_gguf
 from kontext_core.weights.loader import load_transformer
 
-SCALE, SHIFT = 0.3611, 0.1159
 STEPS, SEED = 6, 11
 Q8, Q4 = A.MODEL_GGUF_Q8, A.MODEL_GGUF_Q4KM
 SAMPLER = dict(steps=STEPS, seed=SEED, guidance=2.5, true_cfg=1.0, solver="euler", scheduler="kontext", denoise=1.0,
@@ -31,8 +30,6 @@ PARITY_TOL = dict(rtol=1e-4, atol=1e-4)  # fp32 on CPU; same as the safetensors 
 SAME_TOL = dict(rtol=0, atol=1e-6)  # the same computation reached by another loading path
 
 
-def to_model_space(raw: torch.Tensor) -> torch.Tensor:
-    return (raw.float() - SHIFT) * SCALE
 
 
 def gguf_edit(gguf: str, tag: str, lora: float | None = None) -> dict:
@@ -122,19 +119,8 @@ def driver(host_assets):
             "log": results["log"]}
 
 
-def job(driver, name: str) -> dict:
-    r = driver["results"][name]
-    assert "driver_error" not in r, r["driver_error"]
-    return r
 
 
-def ok(driver, name: str) -> dict:
-    r = job(driver, name)
-    if not r.get("success"):
-        errors = [m for m in r.get("messages", []) if m[0] == "execution_error"]
-        raise AssertionError(f"{name} failed: {r.get('validation_error') or r.get('node_errors') or errors} "
-                             f"(driver log: {driver['log']})")
-    return r
 
 
 def latent(driver, name: str, prefix_part: str) -> torch.Tensor:

@@ -13,17 +13,14 @@ from safetensors.torch import load_file
 
 import host_assets as A
 import host_workflows as W
-from host_env import run_driver
+from host_env import job, ok, run_driver, to_model_space
 from kontext_core.conditioning import load_embeddings
 from kontext_core.images import nearest_bucket
 from kontext_core.pipeline import sample
 from kontext_core.weights.loader import load_transformer
 
-SCALE, SHIFT = 0.3611, 0.1159  # FLUX latent format: model space = (raw - shift) * scale
 
 
-def to_model_space(raw: torch.Tensor) -> torch.Tensor:
-    return (raw.float() - SHIFT) * SCALE
 
 
 def tiny(name: str, model: str = A.MODEL_BFL) -> dict:
@@ -140,19 +137,8 @@ def driver(host_assets):
             "base": host_assets.base, "log": results["log"]}
 
 
-def job(driver, name: str) -> dict:
-    r = driver["results"][name]
-    assert "driver_error" not in r, r["driver_error"]
-    return r
 
 
-def ok(driver, name: str) -> dict:
-    r = job(driver, name)
-    if not r.get("success"):
-        errors = [m for m in r.get("messages", []) if m[0] == "execution_error"]
-        raise AssertionError(f"{name} failed: {r.get('validation_error') or r.get('node_errors') or errors} "
-                             f"(driver log: {driver['log']})")
-    return r
 
 
 def saved(driver, name: str, node_id: str, kind: str = "latents") -> list:
