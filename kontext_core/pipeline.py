@@ -140,14 +140,31 @@ def sample(transformer: Flux, *, prompt_embeds: Tensor, pooled_prompt_embeds: Te
     return x, sigmas
 
 
+def decode_latent(ae, z: Tensor, budget_bytes: int | None = None) -> Tensor:
+    """AE decode, tiled when the activations of a whole-image decode would exceed `budget_bytes`."""
+    if budget_bytes is None:
+        return ae.decode(z)
+    from .model.tiling import decode_tiled, estimate_tile_bytes, tile_size_for_budget
+
+    dtype = next(ae.parameters()).dtype
+    side = max(z.shape[-2:])
+    if estimate_tile_bytes(side, ae.params, dtype, "decode", batch=z.shape[0]) <= budget_bytes:
+        return ae.decode(z)
+    tile = tile_size_for_budget(budget_bytes, ae.params, dtype, "decode", batch=z.shape[0])
+    return decode_tiled(ae, z, tile=tile, overlap=max(2, tile // 8))
+
+
 @torch.no_grad()
 def edit(transformer: Flux, ae=None, *, images: Sequence = (), latents: Sequence[Tensor] = (),
          prompt_embeds: Tensor, pooled_prompt_embeds: Tensor, size: tuple[int, int] | None = None,
-         resize: str = "stretch", decode: bool = True, **sample_kwargs) -> EditResult:
+         resize: str = "stretch", decode: bool = True, ae_budget_bytes: int | None = None,
+         **sample_kwargs) -> EditResult:
     """Edit with one or more context images (PIL / tensors in [0, 1]) and/or context latents.
 
     size: output (width, height) in pixels, snapped down to multiples of 16; default: the first context's size
     (its Kontext bucket for images with resize='stretch'|'crop'|'pad', or its own size snapped to 16 for 'keep').
+    ae_budget_bytes: activation memory allowed for the AE decode; when the whole image does not fit, it is decoded
+    in overlapping tiles as large as the budget allows (`kontext_core.model.tiling`).
     Other keyword arguments go to `sample` (steps, guidance, seed, noise, layout, solver, denoise, init_latent,
     negative_*, true_cfg, device, dtype, callback).
     """
@@ -168,7 +185,7 @@ def edit(transformer: Flux, ae=None, *, images: Sequence = (), latents: Sequence
         if ae is None:
             raise InputError("decoding needs the autoencoder (ae); pass decode=False for latents only")
         p = next(ae.parameters())
-        pixels = ae.decode(x.to(device=p.device, dtype=p.dtype)).float()
+        pixels = decode_latent(ae, x.to(device=p.device, dtype=p.dtype), ae_budget_bytes).float()
         result.pixels = pixels
         result.images = im.tensor_to_pil(pixels)
     return result

@@ -7,11 +7,12 @@ from comfy_api.latest import ComfyExtension, io
 from . import comfy_model
 from .images import ImageBucket
 from .loaders import GGUFLoader, LoadConditioning, ModelLoader, SaveConditioning
+from .planning import VRAMPlan
 from .reference import ReferenceEncoder
 from .sampler import Sampler
 
 NODES: list[type[io.ComfyNode]] = [ModelLoader, GGUFLoader, ImageBucket, ReferenceEncoder, Sampler,
-                                   SaveConditioning, LoadConditioning]
+                                   SaveConditioning, LoadConditioning, VRAMPlan]
 
 
 class KontextNativeExtension(ComfyExtension):

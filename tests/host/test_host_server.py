@@ -11,7 +11,7 @@ from host_env import ComfyServer
 
 OUR_NODES = ["KontextNativeModelLoader", "KontextNativeGGUFLoader", "KontextNativeImageBucket",
              "KontextNativeReferenceEncoder", "KontextNativeSampler", "KontextNativeSaveConditioning",
-             "KontextNativeLoadConditioning"]
+             "KontextNativeLoadConditioning", "KontextNativeVRAMPlan"]
 
 
 @pytest.fixture(scope="module")

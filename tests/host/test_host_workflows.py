@@ -70,6 +70,14 @@ def bucket_job() -> dict:
     return api
 
 
+def vram_plan_job() -> dict:
+    api = {"1": {"class_type": "KontextNativeModelLoader", "inputs": {"model_name": A.MODEL_BFL,
+                                                                      "weight_dtype": "default"}}}
+    W.add_node(api, "KontextNativeVRAMPlan", {"model": ["1", 0], "vram_gb": 10.0, "width": 512, "height": 512,
+                                              "references": 2, "tflops": 150.0})
+    return api
+
+
 def save_conditioning_job() -> dict:
     return {"1": {"class_type": "KontextNativeLoadConditioning", "inputs": {"conditioning_file": A.COND_FILES[0]}},
             "2": {"class_type": "KontextNativeSaveConditioning",
@@ -120,6 +128,7 @@ def build_jobs() -> list[dict]:
         {"name": "wrong_model", "prompt": tiny("single_edit", A.NOT_A_TRANSFORMER)},
         {"name": "buckets", "prompt": bucket_job()},
         {"name": "save_conditioning", "prompt": save_conditioning_job()},
+        {"name": "vram_plan", "prompt": vram_plan_job()},
     ]
     for layout in ("comfy", "fp8", "diffusers", "scaled_fp8"):
         jobs.append({"name": f"layout_{layout}", "prompt": with_saved_latents(
@@ -170,7 +179,8 @@ def image_sizes(driver, name: str) -> list[tuple[int, int]]:
 def test_pack_loads_with_all_nodes(driver):
     assert driver["boot"]["our_nodes"] == sorted([
         "KontextNativeModelLoader", "KontextNativeGGUFLoader", "KontextNativeImageBucket", "KontextNativeReferenceEncoder",
-        "KontextNativeSampler", "KontextNativeSaveConditioning", "KontextNativeLoadConditioning"])
+        "KontextNativeSampler", "KontextNativeSaveConditioning", "KontextNativeLoadConditioning",
+        "KontextNativeVRAMPlan"])
 
 
 EXAMPLE = A.IMAGES["example.png"]  # placeholder images are used at their own size ('keep', see host_workflows)
@@ -348,3 +358,15 @@ def test_core_lora_loader_patches_our_model(driver):
 def test_flux_disable_guidance_runs(driver):
     ok(driver, "disable_guidance")
     assert image_sizes(driver, "disable_guidance") == [EXAMPLE]
+
+
+def test_vram_plan_node_reports_the_engine_plan(driver):
+    from kontext_core.model.flux import FluxParams
+    from kontext_core.planner import BUDGETS_GB, STORAGES, report
+    from kontext_core.weights.loader import read_transformer, resolve_params
+
+    r = ok(driver, "vram_plan")
+    texts = [t for out in r["outputs"].values() for t in out.get("text", [])]
+    params = resolve_params(read_transformer(str(driver["base"] / "models" / "diffusion_models" / A.MODEL_BFL)))
+    assert isinstance(params, FluxParams)
+    assert texts == [report(params, 512, 512, 2, sorted(set(BUDGETS_GB) | {10.0}), STORAGES)]

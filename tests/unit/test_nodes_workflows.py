@@ -15,7 +15,7 @@ WF = ROOT / "workflows"
 NAMES = sorted(p.name[:-len(".api.json")] for p in WF.glob("*.api.json"))
 OUR_NODES = {"KontextNativeModelLoader", "KontextNativeImageBucket", "KontextNativeReferenceEncoder",
              "KontextNativeSampler", "KontextNativeSaveConditioning", "KontextNativeLoadConditioning",
-             "KontextNativeGGUFLoader"}
+             "KontextNativeGGUFLoader", "KontextNativeVRAMPlan"}
 
 
 def _builder():
