@@ -238,19 +238,14 @@ def text_replacement() -> Graph:
                    '\n\nText edits work best with the exact old text in quotes: Replace "old" with "new".')
 
 
-def edit_chain() -> Graph:
-    g = Graph("edit_chain_3_turns")
-    model, clip, vae = _common(g, "\n\nThree edits in a row without leaving latent space: each Kontext Sampler's "
-                                  "LATENT is the next Kontext Reference's latent, so there is no decode/encode "
-                                  "round trip (and no compounding artifacts) between turns. The previews only "
-                                  "show each turn.")
+def _latent_chain(g: Graph, model: int, clip: int, vae: int, prompts: list[str], save_prefix: str,
+                  steps: int | None = None) -> None:
+    """Image -> bucket, then one reference + sampler per prompt; each turn's LATENT is the next reference's
+    latent (no decode/encode between turns); earlier turns are previewed, the last one saved."""
     img = g.add("LoadImage", (500, 40), {"image": "example.png"}, size=(320, 330))
     bucket = g.add("KontextNativeImageBucket", (860, 40), {"mode": "stretch"}, size=(280, 110))
     g.link(img, 0, bucket, "image")
     g.link(img, 1, bucket, "mask")
-    prompts = ["Make it a snowy winter evening. Keep the subject unchanged.",
-               "Add warm light glowing from the windows.",
-               "Turn the image into a watercolor painting, same composition."]
     prev = None
     for turn, prompt in enumerate(prompts):
         x = 420 + turn * 520
@@ -264,7 +259,8 @@ def edit_chain() -> Graph:
             g.link(bucket, 0, ref, "image")
         else:
             g.link(prev, 0, ref, "latent")
-        sampler = g.add("KontextNativeSampler", (x + 120, 580), _sampler_widgets(turn), size=(320, 340),
+        widgets = _sampler_widgets(turn) if steps is None else _sampler_widgets(turn, steps=steps)
+        sampler = g.add("KontextNativeSampler", (x + 120, 580), widgets, size=(320, 340),
                         title=f"Kontext Sampler (turn {turn + 1})")
         g.link(model, 0, sampler, "model")
         g.link(ref, 0, sampler, "positive")
@@ -274,9 +270,21 @@ def edit_chain() -> Graph:
         if turn < len(prompts) - 1:
             out = g.add("PreviewImage", (x + 120, 1180), size=(320, 320), title=f"Turn {turn + 1}")
         else:
-            out = g.add("SaveImage", (x + 120, 1180), {"filename_prefix": "kontext/edit_chain"}, size=(400, 420))
+            out = g.add("SaveImage", (x + 120, 1180), {"filename_prefix": save_prefix}, size=(400, 420))
         g.link(dec, 0, out, "images")
         prev = sampler
+
+
+def edit_chain() -> Graph:
+    g = Graph("edit_chain_3_turns")
+    model, clip, vae = _common(g, "\n\nThree edits in a row without leaving latent space: each Kontext Sampler's "
+                                  "LATENT is the next Kontext Reference's latent, so there is no decode/encode "
+                                  "round trip (and no compounding artifacts) between turns. The previews only "
+                                  "show each turn.")
+    _latent_chain(g, model, clip, vae,
+                  ["Make it a snowy winter evening. Keep the subject unchanged.",
+                   "Add warm light glowing from the windows.",
+                   "Turn the image into a watercolor painting, same composition."], "kontext/edit_chain")
     return g
 
 
@@ -377,38 +385,10 @@ def low_vram_gguf_chain() -> Graph:
     clip = g.add("DualCLIPLoader", (40, 600), {"clip_name1": CLIP_FILE, "clip_name2": T5_FP8_FILE, "type": "flux",
                                               "device": "default"}, size=(340, 130))
     vae = g.add("VAELoader", (40, 780), {"vae_name": VAE_FILE}, size=(340, 60))
-    img = g.add("LoadImage", (500, 40), {"image": "example.png"}, size=(320, 330))
-    bucket = g.add("KontextNativeImageBucket", (860, 40), {"mode": "stretch"}, size=(280, 110))
-    g.link(img, 0, bucket, "image")
-    g.link(img, 1, bucket, "mask")
-    prompts = ["Change the season to autumn: orange and red leaves. Keep everything else the same.",
-               "Add a small red bicycle leaning against the wall, matching the lighting."]
-    prev = None
-    for turn, prompt in enumerate(prompts):
-        x = 420 + turn * 520
-        text = g.add("CLIPTextEncode", (x, 900), {"text": prompt}, size=(400, 140), title=f"Turn {turn + 1}")
-        g.link(clip, 0, text, "clip")
-        ref = g.add("KontextNativeReferenceEncoder", (x, 420), {"layout": "offset"}, size=(300, 140),
-                    title=f"Reference (turn {turn + 1})")
-        g.link(text, 0, ref, "conditioning")
-        if prev is None:
-            g.link(vae, 0, ref, "vae")
-            g.link(bucket, 0, ref, "image")
-        else:
-            g.link(prev, 0, ref, "latent")
-        sampler = g.add("KontextNativeSampler", (x + 120, 580), _sampler_widgets(turn, steps=20), size=(320, 340),
-                        title=f"Kontext Sampler (turn {turn + 1})")
-        g.link(model, 0, sampler, "model")
-        g.link(ref, 0, sampler, "positive")
-        dec = g.add("VAEDecode", (x + 120, 1100), size=(200, 50))
-        g.link(sampler, 0, dec, "samples")
-        g.link(vae, 0, dec, "vae")
-        if turn < len(prompts) - 1:
-            out = g.add("PreviewImage", (x + 120, 1180), size=(320, 320), title=f"Turn {turn + 1}")
-        else:
-            out = g.add("SaveImage", (x + 120, 1180), {"filename_prefix": "kontext/gguf_chain"}, size=(400, 420))
-        g.link(dec, 0, out, "images")
-        prev = sampler
+    _latent_chain(g, model, clip, vae,
+                  ["Change the season to autumn: orange and red leaves. Keep everything else the same.",
+                   "Add a small red bicycle leaning against the wall, matching the lighting."],
+                  "kontext/gguf_chain", steps=20)
     return g
 
 

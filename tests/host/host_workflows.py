@@ -249,3 +249,22 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
                 inputs[inp["name"]] = [str(l[1]), l[2]]
         api[str(n["id"])] = {"class_type": n["type"], "inputs": inputs}
     return api
+
+
+def with_saved_latents(api: dict, tag: str) -> dict:
+    """SaveLatent after every reference encoder (its LATENT output) and every sampler."""
+    for nid in find(api, "KontextNativeReferenceEncoder"):
+        add_node(api, "SaveLatent", {"samples": [nid, 1], "filename_prefix": f"{tag}/ref_{nid}"})
+    for nid in find(api, "KontextNativeSampler"):
+        add_node(api, "SaveLatent", {"samples": [nid, 0], "filename_prefix": f"{tag}/out_{nid}"})
+    return api
+
+
+def insert_lora(api: dict, loader_type: str, lora_name: str, strength: float) -> str:
+    """LoraLoaderModelOnly between the (first) `loader_type` node and every Kontext sampler; returns its id."""
+    loader = find(api, loader_type)[0]
+    lora = add_node(api, "LoraLoaderModelOnly", {"model": [loader, 0], "lora_name": lora_name,
+                                                 "strength_model": strength})
+    for nid in find(api, "KontextNativeSampler"):
+        api[nid]["inputs"]["model"] = [lora, 0]
+    return lora

@@ -40,24 +40,12 @@ def gguf_edit(gguf: str, tag: str, lora: float | None = None) -> dict:
         api[nid]["inputs"].update(SAMPLER)
     if lora is not None:
         with_lora(api, lora)
-    return save_latents(api, tag)
+    return W.with_saved_latents(api, tag)
 
 
 def with_lora(api: dict, strength: float) -> str:
-    loader = W.find(api, "KontextNativeGGUFLoader")[0]
-    lora = W.add_node(api, "LoraLoaderModelOnly", {"model": [loader, 0], "lora_name": A.GGUF_LORA_NAME,
-                                                   "strength_model": strength})
-    for nid in W.find(api, "KontextNativeSampler"):
-        api[nid]["inputs"]["model"] = [lora, 0]
-    return lora
+    return W.insert_lora(api, "KontextNativeGGUFLoader", A.GGUF_LORA_NAME, strength)
 
-
-def save_latents(api: dict, tag: str) -> dict:
-    for nid in W.find(api, "KontextNativeReferenceEncoder"):
-        W.add_node(api, "SaveLatent", {"samples": [nid, 1], "filename_prefix": f"{tag}/ref_{nid}"})
-    for nid in W.find(api, "KontextNativeSampler"):
-        W.add_node(api, "SaveLatent", {"samples": [nid, 0], "filename_prefix": f"{tag}/out_{nid}"})
-    return api
 
 
 def lora_switch() -> dict:
@@ -72,7 +60,7 @@ def lora_switch() -> dict:
     s2 = W.add_node(api, "KontextNativeSampler", {"model": [loader, 0], "positive": positive, "latent": [s1, 0],
                                                   **SAMPLER})
     W.add_node(api, "KontextNativeSampler", {"model": [lora, 0], "positive": positive, "latent": [s2, 0], **SAMPLER})
-    return save_latents(api, "gguf_switch")
+    return W.with_saved_latents(api, "gguf_switch")
 
 
 def ksampler_vs_ours() -> dict:

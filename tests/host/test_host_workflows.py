@@ -33,20 +33,12 @@ def sampler_settings(api: dict, **widgets) -> dict:
     return api
 
 
-def with_saved_latents(api: dict, tag: str) -> dict:
-    """SaveLatent after every reference encoder (its LATENT output) and every sampler."""
-    for nid in W.find(api, "KontextNativeReferenceEncoder"):
-        W.add_node(api, "SaveLatent", {"samples": [nid, 1], "filename_prefix": f"{tag}/ref_{nid}"})
-    for nid in W.find(api, "KontextNativeSampler"):
-        W.add_node(api, "SaveLatent", {"samples": [nid, 0], "filename_prefix": f"{tag}/out_{nid}"})
-    return api
-
 
 def parity_true_cfg() -> dict:
     api = sampler_settings(tiny("single_edit"), steps=4, seed=3, true_cfg=2.0, solver="heun")
     neg = W.add_node(api, "KontextNativeLoadConditioning", {"conditioning_file": A.COND_FILES[2]})
     api[W.find(api, "KontextNativeSampler")[0]]["inputs"]["negative"] = [neg, 0]
-    return with_saved_latents(api, "parity_true_cfg")
+    return W.with_saved_latents(api, "parity_true_cfg")
 
 
 def ksampler_vs_ours() -> dict:
@@ -85,11 +77,7 @@ def save_conditioning_job() -> dict:
 
 
 def with_lora(api: dict, strength: float) -> dict:
-    loader = W.find(api, "KontextNativeModelLoader")[0]
-    lora = W.add_node(api, "LoraLoaderModelOnly", {"model": [loader, 0], "lora_name": A.LORA_NAME,
-                                                   "strength_model": strength})
-    for nid in W.find(api, "KontextNativeSampler"):
-        api[nid]["inputs"]["model"] = [lora, 0]
+    W.insert_lora(api, "KontextNativeModelLoader", A.LORA_NAME, strength)
     return api
 
 
@@ -97,7 +85,7 @@ def img2img() -> dict:
     api = sampler_settings(tiny("single_edit"), steps=10, seed=5, denoise=0.6, scheduler="kontext")
     ref = W.find(api, "KontextNativeReferenceEncoder")[0]
     api[W.find(api, "KontextNativeSampler")[0]]["inputs"]["latent"] = [ref, 1]
-    return with_saved_latents(api, "parity_img2img")
+    return W.with_saved_latents(api, "parity_img2img")
 
 
 def disable_guidance() -> dict:
@@ -110,20 +98,20 @@ def disable_guidance() -> dict:
 def build_jobs() -> list[dict]:
     jobs = [{"name": f"wf:{n}", "prompt": tiny(n)} for n in W.workflow_names()]
     jobs += [
-        {"name": "parity_single", "prompt": with_saved_latents(tiny("single_edit"), "parity_single")},
-        {"name": "parity_composition", "prompt": with_saved_latents(sampler_settings(
+        {"name": "parity_single", "prompt": W.with_saved_latents(tiny("single_edit"), "parity_single")},
+        {"name": "parity_composition", "prompt": W.with_saved_latents(sampler_settings(
             tiny("two_reference_composition"), steps=6, seed=7, solver="dpmpp_2m", scheduler="kontext_unshifted"),
             "parity_composition")},
         {"name": "parity_true_cfg", "prompt": parity_true_cfg()},
         {"name": "parity_img2img", "prompt": img2img()},
-        {"name": "lora", "prompt": with_saved_latents(with_lora(tiny("single_edit"), 1.0), "lora")},
-        {"name": "lora_off", "prompt": with_saved_latents(with_lora(tiny("single_edit"), 0.0), "lora_off")},
+        {"name": "lora", "prompt": W.with_saved_latents(with_lora(tiny("single_edit"), 1.0), "lora")},
+        {"name": "lora_off", "prompt": W.with_saved_latents(with_lora(tiny("single_edit"), 0.0), "lora_off")},
         {"name": "lora_lowvram", "mode": "lowvram",
-         "prompt": with_saved_latents(with_lora(tiny("single_edit"), 1.0), "lora_lowvram")},
+         "prompt": W.with_saved_latents(with_lora(tiny("single_edit"), 1.0), "lora_lowvram")},
         {"name": "disable_guidance", "prompt": disable_guidance()},
         {"name": "ksampler_vs_ours", "prompt": ksampler_vs_ours()},
         {"name": "lowvram", "mode": "lowvram",
-         "prompt": with_saved_latents(tiny("single_edit"), "lowvram")},
+         "prompt": W.with_saved_latents(tiny("single_edit"), "lowvram")},
         {"name": "interrupt", "mode": "interrupt", "prompt": tiny("single_edit")},
         {"name": "wrong_model", "prompt": tiny("single_edit", A.NOT_A_TRANSFORMER)},
         {"name": "buckets", "prompt": bucket_job()},
@@ -131,9 +119,9 @@ def build_jobs() -> list[dict]:
         {"name": "vram_plan", "prompt": vram_plan_job()},
     ]
     for layout in ("comfy", "fp8", "diffusers", "scaled_fp8"):
-        jobs.append({"name": f"layout_{layout}", "prompt": with_saved_latents(
+        jobs.append({"name": f"layout_{layout}", "prompt": W.with_saved_latents(
             tiny("single_edit", A.__dict__["MODEL_" + layout.upper()]), f"layout_{layout}")})
-    jobs.append({"name": "weight_dtype_fp8", "prompt": with_saved_latents(
+    jobs.append({"name": "weight_dtype_fp8", "prompt": W.with_saved_latents(
         W.set_model(tiny("single_edit"), A.MODEL_BFL, "fp8_e4m3fn"), "weight_dtype_fp8")})
     return jobs
 
