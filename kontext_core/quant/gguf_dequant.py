@@ -12,7 +12,8 @@ How it is fast (this runs for every quantized layer on every forward pass):
   are first copied out contiguously (one copy with long rows).
 * fp16 scales are read by viewing the byte matrix as float16 and taking a column (or a pair of them as one
   int32 word) - no byte shuffles. Per-block scale products (d*scale, dmin*min) are computed with column-wise
-  ops, once per chunk.
+  ops once per tensor (per chunk, their fixed per-op cost was ~15% of the total), each factor as its own
+  contiguous plane: a broadcast multiply by a strided (n, 8, 1) factor is ~1.7x slower than by a contiguous one.
 * Signed quants are produced directly as int8 bytes with carry-free word arithmetic (for Q4_0:
   `(v + 0x7878) ^ 0x8080` turns two offset-8 nibbles into two int8 values), so the float stage is one
   integer->float32 copy plus one or two broadcast multiply/add ops, in the reference's order (bit-exact).
@@ -23,7 +24,7 @@ How it is fast (this runs for every quantized layer on every forward pass):
   more than the arithmetic). On accelerators the whole tensor is one batch of kernels.
 
 benchmarks/bench_gguf_dequant.py measures this against gguf-py on the same bytes: on the 2-core dev VM,
-single-threaded (like numpy), 3.1-3.9x for the legacy and K types (Q2_K 2.8x), 4-5x for IQ4, float32
+single-threaded (like numpy), 3.0-3.9x for the legacy and K types (Q4_K 4.0-4.5x), 4-5x for IQ4, float32
 output; 3.6-5x with torch's two threads.
 
 Field layouts (one block; byte offsets):
@@ -197,9 +198,9 @@ _M4x2 = 0x0F0F  # ... of an int16 word
 
 
 # ---------------------------------------------------------------------------------------------- kernels
-# Each type has `prep(blocks) -> tuple` computing per-block float32 scales and `body(blocks, out, *scales)`
-# writing float32 values into `out` (n, block_size). On CPU both run per chunk; elsewhere once for the whole
-# tensor. Integer work is done on contiguous 16/32-bit words; the float stage is one integer->float32 copy
+# Each type has `prep(blocks) -> tuple` computing per-block float32 scales (each with one row per block) and
+# `body(blocks, out, *scales)` writing float32 values into `out` (n, block_size). prep runs once for the whole
+# tensor; on CPU body runs per chunk (on row slices of the scales), elsewhere once. Integer work is done on contiguous 16/32-bit words; the float stage is one integer->float32 copy
 # plus one or two broadcast ops. Products are formed in the reference's order (scale*quant, then -min or
 # +min) so float32 results are bit-identical. Temporaries come from `_buf` (see there).
 
@@ -290,15 +291,17 @@ def _scaled(ints: torch.Tensor, d: torch.Tensor, tag: str) -> torch.Tensor:
 def _p_q2_k(b):
     # 16 bytes = 4 int32 columns; per byte: low nibble = scale, high nibble = min (one sub-block each).
     # Column-wise ops on (n,) vectors avoid torch's per-row cost of ops over (n, 16)-shaped slices.
+    # Scales and mins go to separate planes (2, n, ...) so that each factor handed to the body is a
+    # contiguous (n, 16, 1) tensor: a broadcast multiply by a strided factor is ~1.7x slower.
     n = b.shape[0]
     w = b.view(torch.int32)
-    f = _buf("p_sm", (n, 2, 4), torch.int32, b.device)
+    f = _buf("p_sm", (2, n, 4), torch.int32, b.device)
     for k in range(4):
         col = w[:, k]
-        torch.bitwise_and(col, _M4x4, out=f[:, 0, k])
-        torch.bitwise_and(col >> 4, _M4x4, out=f[:, 1, k])
-    dm = _scaled(f.view(torch.uint8).view(n, 2, 16), _f16_pair(b, 80).view(n, 2, 1), "p_dm")
-    return dm[:, 0].unsqueeze(-1), dm[:, 1].unsqueeze(-1)  # d * scale, dmin * min: (n, 16, 1) each
+        torch.bitwise_and(col, _M4x4, out=f[0, :, k])
+        torch.bitwise_and(col >> 4, _M4x4, out=f[1, :, k])
+    dm = _scaled(f.view(torch.uint8).view(2, n, 16), _f16_pair(b, 80).t().unsqueeze(-1), "p_dm")
+    return dm[0].unsqueeze(-1), dm[1].unsqueeze(-1)  # d * scale, dmin * min: contiguous (n, 16, 1) each
 
 
 def _b_q2_k(b, o, dl, ml):
@@ -361,50 +364,62 @@ def _p_q4_k(b):
     n = b.shape[0]
     w = b.view(torch.int32)
     a, m, c = w[:, 1], w[:, 2], w[:, 3]
-    sm = _buf("p_sm", (n, 4), torch.int32, b.device)  # scales 0-3, 4-7, mins 0-3, 4-7
-    torch.bitwise_and(a, 0x3F3F3F3F, out=sm[:, 0])
-    torch.bitwise_and(c, _M4x4, out=sm[:, 1])
-    sm[:, 1].bitwise_or_((a >> 2) & 0x30303030)
-    torch.bitwise_and(m, 0x3F3F3F3F, out=sm[:, 2])
-    torch.bitwise_right_shift(c, 4, out=sm[:, 3])
-    sm[:, 3].bitwise_and_(_M4x4).bitwise_or_((m >> 2) & 0x30303030)
-    dm = _scaled(sm.view(torch.uint8).view(n, 2, 8), _f16_pair(b, 0).view(n, 2, 1), "p_dm")
-    return dm[:, 0].unsqueeze(-1), dm[:, 1].unsqueeze(-1)  # d * scale, dmin * min
+    # planes (scales, mins) x n x (words 0-3, 4-7): each returned factor is then a contiguous (n, 8, 1)
+    # tensor (a broadcast multiply by a strided factor is ~1.7x slower)
+    sm = _buf("p_sm", (2, n, 2), torch.int32, b.device)
+    torch.bitwise_and(a, 0x3F3F3F3F, out=sm[0, :, 0])
+    torch.bitwise_and(c, _M4x4, out=sm[0, :, 1])
+    sm[0, :, 1].bitwise_or_((a >> 2) & 0x30303030)
+    torch.bitwise_and(m, 0x3F3F3F3F, out=sm[1, :, 0])
+    torch.bitwise_right_shift(c, 4, out=sm[1, :, 1])
+    sm[1, :, 1].bitwise_and_(_M4x4).bitwise_or_((m >> 2) & 0x30303030)
+    dm = _scaled(sm.view(torch.uint8).view(2, n, 8), _f16_pair(b, 0).t().unsqueeze(-1), "p_dm")
+    return dm[0].unsqueeze(-1), dm[1].unsqueeze(-1)  # d * scale, dmin * min
 
 
-def _k4_nibbles(qs: torch.Tensor) -> torch.Tensor:
-    """(n, 32) int32 words of packed 4-bit quants -> (n, 4, 2, 8) int32 in element order: sub-block
-    2*c holds the low nibbles of bytes 32c..32c+31, sub-block 2*c+1 their high nibbles."""
-    n = qs.shape[0]
-    qs = qs.view(n, 4, 8)
-    q = _buf("q", (n, 4, 2, 8), torch.int32, qs.device)
-    q[:, :, 0].copy_(qs)
-    torch.bitwise_right_shift(qs, 4, out=q[:, :, 1])
-    return q.bitwise_and_(_M4x4)
+def _k4_planes(b: torch.Tensor, word_off: int) -> torch.Tensor:
+    """The 128 packed 4-bit quants of Q4_K/Q5_K (32 int32 words from word `word_off` of each block) ->
+    (2, n, 4, 8) int32 nibble planes: [0] the low nibbles (sub-blocks 0, 2, 4, 6), [1] the high ones
+    (sub-blocks 1, 3, 5, 7). Read straight from the block bytes (no region copy) into contiguous planes:
+    writing each plane whole is cheaper than interleaving 32-byte runs here; `_k4_store` interleaves them
+    during the int -> float32 copy, which writes strided rows anyway."""
+    n = b.shape[0]
+    qs = b.view(torch.int32)[:, word_off:word_off + 32]
+    p = _buf("q", (2, n, 32), torch.int32, b.device)
+    torch.bitwise_and(qs, _M4x4, out=p[0])
+    torch.bitwise_right_shift(qs, 4, out=p[1])
+    p[1].bitwise_and_(_M4x4)
+    return p.view(2, n, 4, 8)
+
+
+def _k4_store(p: torch.Tensor, o: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> None:
+    """o (n, 256) = d * q - m with q from `_k4_planes` (element 64c + 32h + l <- plane h, byte 32c + l)."""
+    n = o.shape[0]
+    o4 = o.view(n, 4, 2, 32)
+    pu = p.view(torch.uint8).view(2, n, 4, 32)
+    o4[:, :, 0].copy_(pu[0])
+    o4[:, :, 1].copy_(pu[1])
+    o.view(n, 8, 32).mul_(d).sub_(m)
 
 
 def _b_q4_k(b, o, d, m):
-    n = b.shape[0]
-    q = _k4_nibbles(_region32(b, 16, 144))
-    o.copy_(q.view(torch.uint8).view(n, 256))
-    o.view(n, 8, 32).mul_(d).sub_(m)
+    _k4_store(_k4_planes(b, 4), o, d, m)
 
 
 def _b_q5_k(b, o, d, m):
     n = b.shape[0]
-    q = _k4_nibbles(_region32(b, 48, 176))
-    # 5th bit of element l of sub-block j = bit j of qh byte l: move it to bit 4 of each byte
+    p = _k4_planes(b, 12)
+    # 5th bit of element l of sub-block j = 2c + h (plane h, group c) = bit j of qh byte l: move it to bit 4
     qh = _region32(b, 16, 48)  # (n, 8)
-    hb = _buf("hb", (n, 8, 8), torch.int32, b.device)
+    hb = _buf("hb", (2, n, 4, 8), torch.int32, b.device)  # laid out like the planes
     for j in range(8):
+        h, c = j % 2, j // 2
         if j <= 4:
-            torch.bitwise_left_shift(qh, 4 - j, out=hb[:, j])
+            torch.bitwise_left_shift(qh, 4 - j, out=hb[h, :, c])
         else:
-            torch.bitwise_right_shift(qh, j - 4, out=hb[:, j])
-    hb.bitwise_and_(0x10101010)
-    q.view(n, 8, 8).bitwise_or_(hb)
-    o.copy_(q.view(torch.uint8).view(n, 256))
-    o.view(n, 8, 32).mul_(d).sub_(m)
+            torch.bitwise_right_shift(qh, j - 4, out=hb[h, :, c])
+    p.bitwise_or_(hb.bitwise_and_(0x10101010))
+    _k4_store(p, o, d, m)
 
 
 def _p_q6_k(b):
@@ -572,14 +587,18 @@ def _run_chunked(q: QT, blocks: torch.Tensor, out: torch.Tensor) -> None:
     outer = getattr(_TLS, "ws", None)
     _TLS.ws = {}
     try:
+        # Scales for the whole tensor at once: prep is a dozen ops on (n,)-sized columns, so per chunk its
+        # fixed per-op cost dominated (~15% of the total for the K types); its outputs are small.
+        scales = prep(blocks)
         for s in range(0, n, step):
             e = min(n, s + step)
             b = blocks[s:e]
+            sc = [x[s:e] for x in scales]  # every prep output has one row per block
             if tmp is None:
-                body(b, out[s:e], *prep(b))
+                body(b, out[s:e], *sc)
             else:
                 t = tmp[: e - s]
-                body(b, t, *prep(b))
+                body(b, t, *sc)
                 out[s:e].copy_(t)
     finally:
         _TLS.ws = outer
