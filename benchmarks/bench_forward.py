@@ -28,6 +28,18 @@ MID = dict(in_channels=64, num_layers=4, num_single_layers=8, attention_head_dim
            joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(8, 28, 28))
 
 
+def mid_reference_model():
+    """The seeded diffusers mid-size transformer both forward benchmarks measure (weights N(0, 0.02))."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    ref = FluxTransformer2DModel(**MID).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.02)
+    return ref
+
+
 def timed(fn, repeats):
     fn()  # warm-up
     times = []
@@ -45,13 +57,7 @@ def main():
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(0)
-    ref = FluxTransformer2DModel(**MID).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.normal_(0, 0.02)
+    ref = mid_reference_model()
     ours = load_transformer(diffusers_sd_to_bfl(ref.state_dict()), params={"axes_dim": (8, 28, 28)})
 
     x = torch.randn(1, 16, 64, 64)

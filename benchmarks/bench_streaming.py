@@ -25,9 +25,9 @@ from kontext_core.memory import human_bytes  # noqa: E402
 from kontext_core.streaming import minimum_budget, model_block_bytes, stream_model  # noqa: E402
 from kontext_core.weights.loader import load_transformer  # noqa: E402
 from tiny_models import diffusers_sd_to_bfl  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_forward import mid_reference_model  # noqa: E402
 
-MID = dict(in_channels=64, num_layers=4, num_single_layers=8, attention_head_dim=64, num_attention_heads=8,
-           joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(8, 28, 28))
 
 
 def timed_round_robin(fns: dict, repeats: int) -> dict:
@@ -50,13 +50,7 @@ def main():
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(0)
-    ref = FluxTransformer2DModel(**MID).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.normal_(0, 0.02)
+    ref = mid_reference_model()
     sd = diffusers_sd_to_bfl(ref.state_dict())
     del ref
     model = load_transformer(dict(sd), params={"axes_dim": (8, 28, 28)})

@@ -22,6 +22,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..model.autoencoder import AutoEncoder, AutoEncoderParams
+from .flux_layout import describe_keys, key_mismatch
 from .safetensors_io import load_state_dict
 
 AE_PREFIXES = ("vae.", "first_stage_model.", "ae.")
@@ -30,12 +31,6 @@ _EXPECTED = ("Expected the FLUX autoencoder: BFL's `ae.safetensors`, a checkpoin
              "or a diffusers `vae/` folder (diffusion_pytorch_model.safetensors).")
 
 _DIFFUSERS_PREFERRED = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")
-
-
-def _sample_keys(keys, n: int = 5) -> str:
-    keys = sorted(keys)
-    more = f" ... (+{len(keys) - n} more)" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
 
 
 def strip_ae_prefix(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -72,7 +67,7 @@ def detect_ae_layout(sd: Mapping[str, torch.Tensor], *, source: str = "state dic
         return "diffusers"
     raise CheckpointError(
         f"{source}: not an autoencoder. Found {len(sd)} tensors that look like {_guess_what(sd.keys())} "
-        f"(e.g. {_sample_keys(sd.keys())}). {_EXPECTED} Check that you selected the VAE file, not the model "
+        f"(e.g. {describe_keys(sd.keys())}). {_EXPECTED} Check that you selected the VAE file, not the model "
         "or a text encoder.")
 
 
@@ -241,15 +236,9 @@ def load_autoencoder(src, *, dtype: torch.dtype | None = None, device="cpu",
 
     ae = AutoEncoder(params, device="meta")
     expected = {k: tuple(v.shape) for k, v in ae.state_dict().items()}
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing tensors ({_sample_keys(missing)})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected tensors ({_sample_keys(unexpected)})")
-        raise CheckpointError(f"{source}: does not match the FLUX autoencoder for {params}: {' and '.join(parts)}. "
+    mismatch = key_mismatch(expected, sd)
+    if mismatch:
+        raise CheckpointError(f"{source}: does not match the FLUX autoencoder for {params}: {mismatch}. "
                               f"The file is incomplete or a different model. {_EXPECTED}")
     for k, shape in expected.items():
         if tuple(sd[k].shape) != shape:

@@ -35,6 +35,18 @@ def describe_keys(keys, n: int = 5) -> str:
     return ", ".join(keys[:n]) + more
 
 
+def key_mismatch(expected, found) -> str | None:
+    """'N missing key(s): …; M unexpected key(s): …', or None when the key sets agree."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s): {describe_keys(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s): {describe_keys(unexpected)}")
+    return "; ".join(parts) or None
+
+
 def strip_transformer_prefix(sd: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], str]:
     """Select the transformer's tensors from a bare, ComfyUI-prefixed or bundled checkpoint: (tensors, prefix)."""
     for prefix in TRANSFORMER_PREFIXES:

@@ -21,7 +21,7 @@ from ..errors import CheckpointError
 from ..model.flux import Flux, FluxParams
 from ..model.ops import FP8_DTYPES, CastOps
 from .fp8 import cast_model_weights, parse_weight_dtype, quantize_model_fp8, validate_scaled_fp8
-from .flux_layout import describe_keys, infer_flux_params, shape_of, to_bfl
+from .flux_layout import infer_flux_params, key_mismatch, shape_of, to_bfl
 from .safetensors_io import load_state_dict
 
 DIFFUSERS_TRANSFORMER_FILES = ("transformer/diffusion_pytorch_model.safetensors.index.json",
@@ -102,16 +102,10 @@ def read_transformer(src: str | os.PathLike | Mapping[str, Tensor]) -> Checkpoin
 def check_shapes(model: nn.Module, sd: Mapping[str, Tensor], source: str) -> None:
     expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
     ours = {k for k in sd if not k.endswith((".scale_weight", ".scale_input")) and k != "scaled_fp8"}
-    missing = sorted(set(expected) - ours)
-    unexpected = sorted(ours - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s): {describe_keys(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s): {describe_keys(unexpected)}")
-        raise CheckpointError(f"{source}: does not match the inferred FLUX architecture — " + "; ".join(parts)
-                              + ". The file may be incomplete, or a different model; pass a config override if "
+    mismatch = key_mismatch(expected, ours)
+    if mismatch:
+        raise CheckpointError(f"{source}: does not match the inferred FLUX architecture — {mismatch}"
+                              ". The file may be incomplete, or a different model; pass a config override if "
                                 "the architecture was guessed wrong.")
     for k, shape in expected.items():
         found = shape_of(sd[k])

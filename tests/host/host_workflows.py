@@ -268,3 +268,16 @@ def insert_lora(api: dict, loader_type: str, lora_name: str, strength: float) ->
     for nid in find(api, "KontextNativeSampler"):
         api[nid]["inputs"]["model"] = [lora, 0]
     return lora
+
+
+def add_ours_beside_ksampler(api: dict, prefix: str) -> dict:
+    """Our sampler on the KSampler's model, conditioning, latent, seed, steps and scheduler; both latents saved."""
+    ks = find(api, "KSampler")[0]
+    k = api[ks]["inputs"]
+    ours = add_node(api, "KontextNativeSampler", {
+        "model": k["model"], "positive": k["positive"], "latent": k["latent_image"], "seed": k["seed"],
+        "steps": k["steps"], "guidance": 2.5, "true_cfg": 1.0, "solver": "euler", "scheduler": k["scheduler"],
+        "denoise": 1.0, "width": 0, "height": 0, "batch_size": 1})
+    add_node(api, "SaveLatent", {"samples": [ks, 0], "filename_prefix": f"{prefix}/ksampler"})
+    add_node(api, "SaveLatent", {"samples": [ours, 0], "filename_prefix": f"{prefix}/ours"})
+    return api

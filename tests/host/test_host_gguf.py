@@ -64,16 +64,8 @@ def lora_switch() -> dict:
 
 
 def ksampler_vs_ours() -> dict:
-    api = W.use_gguf(W.for_tiny_models(W.load_api("kontext_official_basic"), A.MODEL_BFL, A.COND_FILES), Q4)
-    ks = W.find(api, "KSampler")[0]
-    k = api[ks]["inputs"]
-    ours = W.add_node(api, "KontextNativeSampler", {
-        "model": k["model"], "positive": k["positive"], "latent": k["latent_image"], "seed": k["seed"],
-        "steps": k["steps"], "guidance": 2.5, "true_cfg": 1.0, "solver": "euler", "scheduler": k["scheduler"],
-        "denoise": 1.0, "width": 0, "height": 0, "batch_size": 1})
-    W.add_node(api, "SaveLatent", {"samples": [ks, 0], "filename_prefix": "gguf_vs/ksampler"})
-    W.add_node(api, "SaveLatent", {"samples": [ours, 0], "filename_prefix": "gguf_vs/ours"})
-    return api
+    api = W.for_tiny_models(W.load_api("kontext_official_basic"), A.MODEL_BFL, A.COND_FILES)
+    return W.add_ours_beside_ksampler(W.use_gguf(api, Q4), "gguf_vs")
 
 
 def bad_file(kind: str) -> dict:

@@ -42,16 +42,7 @@ def parity_true_cfg() -> dict:
 
 
 def ksampler_vs_ours() -> dict:
-    api = tiny("kontext_official_basic")
-    ks = W.find(api, "KSampler")[0]
-    k = api[ks]["inputs"]
-    ours = W.add_node(api, "KontextNativeSampler", {
-        "model": k["model"], "positive": k["positive"], "latent": k["latent_image"], "seed": k["seed"],
-        "steps": k["steps"], "guidance": 2.5, "true_cfg": 1.0, "solver": "euler", "scheduler": k["scheduler"],
-        "denoise": 1.0, "width": 0, "height": 0, "batch_size": 1})
-    W.add_node(api, "SaveLatent", {"samples": [ks, 0], "filename_prefix": "vs/ksampler"})
-    W.add_node(api, "SaveLatent", {"samples": [ours, 0], "filename_prefix": "vs/ours"})
-    return api
+    return W.add_ours_beside_ksampler(tiny("kontext_official_basic"), "vs")
 
 
 def bucket_job() -> dict:
