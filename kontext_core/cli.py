@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import Counter
 
-from .errors import KontextError
+from .errors import InputError, KontextError
 from .memory import footprint, human_bytes
+
+# What a command may raise for a bad file or argument: reported as one line, never as a traceback.
+USER_ERRORS = (KontextError, OSError, ValueError, MemoryError)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if isinstance(e, KontextError) else f"{type(e).__name__}: {text}"
 
 
 def _dtype_summary(qtypes: dict[str, str], tensors) -> str:
@@ -20,11 +29,12 @@ def _dtype_summary(qtypes: dict[str, str], tensors) -> str:
 
 
 def describe_transformer(path: str) -> list[str]:
-    from .weights.flux_layout import infer_flux_params, shape_of
-    from .weights.loader import read_transformer
+    from .weights.flux_layout import shape_of
+    from .weights.loader import read_transformer, resolve_params, validate_checkpoint
 
     ck = read_transformer(path)
-    p = infer_flux_params(ck.tensors)
+    p = resolve_params(ck)
+    validate_checkpoint(ck, p)  # family (Fill/Depth/Canny are refused), keys, shapes, storage types
     n_params = 0
     for t in ck.tensors.values():
         n = 1
@@ -51,7 +61,8 @@ def describe_transformer(path: str) -> list[str]:
 
 
 def describe_autoencoder(path: str) -> list[str]:
-    from .weights.ae_layout import detect_ae_layout, infer_ae_params, strip_ae_prefix, convert_diffusers_vae_to_ldm
+    from .weights.ae_layout import (check_ae_tensors, check_flux_ae, convert_diffusers_vae_to_ldm, detect_ae_layout,
+                                    infer_ae_params, strip_ae_prefix)
     from .weights.safetensors_io import load_state_dict
 
     sd = strip_ae_prefix(load_state_dict(path, prefer=("vae/diffusion_pytorch_model.safetensors",
@@ -59,7 +70,9 @@ def describe_autoencoder(path: str) -> list[str]:
     layout = detect_ae_layout(sd, source=path)
     if layout == "diffusers":
         sd = convert_diffusers_vae_to_ldm(sd)
+    check_ae_tensors(sd, path)
     p = infer_ae_params(sd, source=path)
+    check_flux_ae(p, path)
     n = sum(t.numel() for t in sd.values())
     dtypes = Counter(str(t.dtype).replace("torch.", "") for t in sd.values())
     return [f"{path}", "  model        FLUX autoencoder", f"  layout       {layout}",
@@ -78,8 +91,9 @@ def cmd_info(args) -> int:
                     lines = describe_autoencoder(path)
                 except KontextError:
                     raise first from None
-        except KontextError as e:
-            print(f"{path}\n  error: {e}", file=sys.stderr)
+        except USER_ERRORS as e:
+            msg = _one_line(e)
+            print(f"error: {msg}" if path in msg else f"error: {path}: {msg}", file=sys.stderr)
             status = 1
             continue
         print("\n".join(lines))
@@ -93,9 +107,11 @@ def cmd_convert(args) -> int:
         print(f"  [{i}/{n}] {name}", end="\r", flush=True)
 
     try:
+        if os.path.exists(args.out) and os.path.samefile(args.src, args.out):
+            raise InputError(f"{args.out}: the output would overwrite the source; choose another output file")
         convert_to_gguf(args.src, args.out, args.type, progress=progress)
-    except KontextError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 1
     print()
     return cmd_info(argparse.Namespace(files=[args.out]))
@@ -109,15 +125,31 @@ def _parse_size(text: str) -> tuple[int, int]:
     return w, h
 
 
+def check_plan_args(args) -> None:
+    """Every `plan` argument in range (InputError naming the option otherwise)."""
+    from .validation import check_float, check_int, check_size
+
+    if args.vram is not None:
+        check_float(args.vram, "--vram (GB)", 0.0, lo_open=True)
+    check_size(*args.size, what="--size", hint="; pass WxH such as 1024x1024")
+    check_int(args.refs, "--refs", 0, 16)
+    check_float(args.tflops, "--tflops", 0.0, lo_open=True)
+    check_float(args.pcie_gbps, "--pcie-gbps", 0.0, lo_open=True)
+
+
 def cmd_plan(args) -> int:
     from .planner import BUDGETS_GB, STORAGES, Assumptions, report
-    from .weights.flux_layout import infer_flux_params
-    from .weights.loader import read_transformer
+    from .weights.loader import read_transformer, resolve_params, validate_checkpoint
 
     try:
-        params = infer_flux_params(read_transformer(args.model).tensors) if args.model else None
-    except KontextError as e:
-        print(f"error: {e}", file=sys.stderr)
+        check_plan_args(args)
+        params = None
+        if args.model:
+            ck = read_transformer(args.model)
+            params = resolve_params(ck)
+            validate_checkpoint(ck, params)
+    except USER_ERRORS as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 1
     if params is None:
         from .model.flux import KONTEXT_DEV as params
@@ -128,9 +160,16 @@ def cmd_plan(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse prints the usage block before an error; we keep failures to one line on stderr."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m kontext_core", description="FLUX.1 Kontext engine tools")
-    sub = ap.add_subparsers(dest="command", required=True)
+    ap = _Parser(prog="python -m kontext_core", description="FLUX.1 Kontext engine tools")
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
     info = sub.add_parser("info", help="describe checkpoints: layout, architecture, dtypes, size, memory needs")
     info.add_argument("files", nargs="+", help="safetensors / GGUF files or diffusers folders")
     info.set_defaults(func=cmd_info)
