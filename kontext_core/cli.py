@@ -60,16 +60,21 @@ def describe_transformer(path: str) -> list[str]:
     return lines
 
 
-def describe_autoencoder(path: str) -> list[str]:
-    from .weights.ae_layout import (check_ae_tensors, check_flux_ae, convert_diffusers_vae_to_ldm, detect_ae_layout,
-                                    infer_ae_params, strip_ae_prefix)
+def read_autoencoder(path: str) -> tuple[dict, str]:
+    """(LDM-layout state dict, layout) of a file that holds an autoencoder; CheckpointError if it holds none."""
+    from .weights.ae_layout import convert_diffusers_vae_to_ldm, detect_ae_layout, strip_ae_prefix
     from .weights.safetensors_io import load_state_dict
 
     sd = strip_ae_prefix(load_state_dict(path, prefer=("vae/diffusion_pytorch_model.safetensors",
                                                        "diffusion_pytorch_model.safetensors")))
     layout = detect_ae_layout(sd, source=path)
-    if layout == "diffusers":
-        sd = convert_diffusers_vae_to_ldm(sd)
+    return (convert_diffusers_vae_to_ldm(sd) if layout == "diffusers" else sd), layout
+
+
+def describe_autoencoder(path: str, sd: dict, layout: str) -> list[str]:
+    """Refuses what the Kontext pipeline cannot use (SD-style VAEs: quant convs, 4 latent channels)."""
+    from .weights.ae_layout import check_ae_tensors, check_flux_ae, infer_ae_params
+
     check_ae_tensors(sd, path)
     p = infer_ae_params(sd, source=path)
     check_flux_ae(p, path)
@@ -88,9 +93,10 @@ def cmd_info(args) -> int:
                 lines = describe_transformer(path)
             except KontextError as first:
                 try:
-                    lines = describe_autoencoder(path)
+                    sd, layout = read_autoencoder(path)
                 except KontextError:
                     raise first from None
+                lines = describe_autoencoder(path, sd, layout)  # an autoencoder: its own errors are the relevant ones
         except USER_ERRORS as e:
             msg = _one_line(e)
             print(f"error: {msg}" if path in msg else f"error: {path}: {msg}", file=sys.stderr)

@@ -95,6 +95,7 @@ def read_transformer(src: str | os.PathLike | Mapping[str, Tensor]) -> Checkpoin
         except CheckpointError as e:
             raise CheckpointError(f"{path}: {e}") from None
         return Checkpoint(str(path), "gguf", layout, tensors, dict(g.qtypes), dict(g.metadata), g.file_size)
+    config = diffusers_config_overrides(path)  # a damaged config.json is reported before the weights are read
     raw = load_state_dict(path, prefer=DIFFUSERS_TRANSFORMER_FILES)
     try:
         tensors, layout = to_bfl(raw)
@@ -104,8 +105,7 @@ def read_transformer(src: str | os.PathLike | Mapping[str, Tensor]) -> Checkpoin
         tensors["scaled_fp8"] = raw["scaled_fp8"]  # marker saved at the top level, outside the model prefix
     size = path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*.safetensors"))
     return Checkpoint(str(path), "safetensors", layout, tensors,
-                      {k: str(v.dtype).replace("torch.", "") for k, v in tensors.items()}, {}, size,
-                      diffusers_config_overrides(path))
+                      {k: str(v.dtype).replace("torch.", "") for k, v in tensors.items()}, {}, size, config)
 
 
 def check_shapes(model: nn.Module, sd: Mapping[str, Tensor], source: str) -> None:
