@@ -32,8 +32,25 @@ IMAGE_SIZE = 64
 
 
 def weight_paths(weights_dir: str | Path | None = None) -> dict[str, Path]:
+    """The three files (transformer, ae, text_encoder); a clear error when any is missing."""
+    from ..errors import CheckpointError
+
     d = Path(weights_dir) if weights_dir else WEIGHTS_DIR
-    return {"transformer": d / TRANSFORMER_FILE, "ae": d / AE_FILE, "text_encoder": d / TEXT_ENCODER_FILE}
+    paths = {"transformer": d / TRANSFORMER_FILE, "ae": d / AE_FILE, "text_encoder": d / TEXT_ENCODER_FILE}
+    missing = [str(p) for p in paths.values() if not p.exists()]
+    if missing:
+        raise CheckpointError(f"Kontext-Tiny weights not found: {', '.join(missing)}. They ship with the package "
+                              "(kontext_core/tiny/weights/); reinstall it, or train them with "
+                              "`python -m kontext_core.tiny.train --out DIR` and pass that folder.")
+    return paths
+
+
+def load_ae_and_text_encoder(paths: dict[str, Path], device="cpu", dtype: torch.dtype | None = torch.float32):
+    from ..weights.ae_layout import load_autoencoder
+    from .text_encoder import TinyTextEncoder
+
+    return (load_autoencoder(paths["ae"], device=device, dtype=dtype).eval(),
+            TinyTextEncoder.load(paths["text_encoder"], device=device))
 
 
 @dataclass
@@ -84,18 +101,8 @@ class KontextTiny:
 
 def load(weights_dir: str | Path | None = None, device="cpu", dtype: torch.dtype | None = torch.float32) -> KontextTiny:
     """Load the shipped weights through the engine's loaders (the transformer file is bf16, upcast per layer)."""
-    from ..errors import CheckpointError
-    from ..weights.ae_layout import load_autoencoder
     from ..weights.loader import load_transformer
-    from .text_encoder import TinyTextEncoder
 
     paths = weight_paths(weights_dir)
-    missing = [str(p) for p in paths.values() if not p.exists()]
-    if missing:
-        raise CheckpointError(f"Kontext-Tiny weights not found: {', '.join(missing)}. They ship with the package "
-                              "(kontext_core/tiny/weights/); reinstall it, or train them with "
-                              "`python -m kontext_core.tiny.train --out DIR` and pass that folder.")
-    transformer = load_transformer(paths["transformer"], device=device)
-    ae = load_autoencoder(paths["ae"], device=device, dtype=dtype)
-    te = TinyTextEncoder.load(paths["text_encoder"], device=device)
-    return KontextTiny(transformer.eval(), ae.eval(), te)
+    ae, te = load_ae_and_text_encoder(paths, device, dtype)
+    return KontextTiny(load_transformer(paths["transformer"], device=device).eval(), ae, te)
