@@ -1,4 +1,5 @@
-"""Command line: `python -m kontext_core info FILE…`, `convert SRC OUT --type Q4_K_M`, `plan FILE --vram 8`."""
+"""Command line (`kontext-core` or `python -m kontext_core`): `edit IMAGE --prompt …`, `demo --out DIR`,
+`info FILE…`, `convert SRC OUT --type Q4_K_M`, `plan FILE --vram 8`."""
 
 from __future__ import annotations
 
@@ -85,10 +86,28 @@ def describe_autoencoder(path: str, sd: dict, layout: str) -> list[str]:
             f"  parameters   {n:,} in {len(sd)} tensors ({dict(dtypes)})"]
 
 
+def describe_text_encoder(path: str) -> list[str]:
+    from .tiny.text_encoder import TinyTextEncoder
+
+    te = TinyTextEncoder.load(path)
+    c = te.config
+    n = sum(p.numel() for p in te.parameters())
+    return [f"{path}", "  model        Kontext-Tiny text encoder (stands in for T5 + CLIP)",
+            f"  architecture {c.layers} transformer layers, width {c.width}, {c.heads} heads, max {c.max_length} tokens",
+            f"  vocabulary   {len(te.tokenizer.vocab)} words",
+            f"  outputs      prompt embeddings (B, {c.max_length}, {c.context_dim}) + pooled (B, {c.pooled_dim})",
+            f"  parameters   {n:,}"]
+
+
 def cmd_info(args) -> int:
+    from .tiny.text_encoder import is_tiny_text_encoder
+
     status = 0
     for path in args.files:
         try:
+            if is_tiny_text_encoder(path):
+                print("\n".join(describe_text_encoder(path)))
+                continue
             try:
                 lines = describe_transformer(path)
             except KontextError as first:
@@ -166,6 +185,82 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from .tiny.demo import run_demo
+
+    try:
+        run_demo(args.out, steps=args.steps, per_type=args.per_type, turns=args.turns, seed=args.seed)
+    except USER_ERRORS as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _load_edit_models(args):
+    """(transformer, ae, prompt_embeds, pooled, image size or None): Kontext-Tiny unless real files are given."""
+    import torch
+
+    from .conditioning import load_embeddings
+    from .weights.ae_layout import load_autoencoder
+    from .weights.loader import load_transformer
+
+    if args.transformer or args.ae or args.embeds:
+        missing = [f"--{n}" for n in ("transformer", "ae", "embeds") if not getattr(args, n)]
+        if missing:
+            raise KontextError(f"editing with your own files needs --transformer, --ae and --embeds; missing "
+                               f"{', '.join(missing)}. Without any of them the bundled Kontext-Tiny is used.")
+        if args.prompt:
+            raise KontextError("--prompt needs a text encoder, which the engine has only for Kontext-Tiny; for a "
+                               "real model pass the prompt's T5/CLIP embeddings with --embeds (saved by the "
+                               "'Save Kontext Conditioning' node)")
+        embeds, pooled, _ = load_embeddings(args.embeds)
+        return load_transformer(args.transformer), load_autoencoder(args.ae), embeds, pooled, None
+    from . import tiny
+
+    if not args.prompt:
+        raise KontextError("give the edit as --prompt, e.g. --prompt \"make the red circle blue\"")
+    models = tiny.load()
+    unknown = models.text_encoder.tokenizer.unknown_words(args.prompt)
+    if unknown:
+        print(f"warning: Kontext-Tiny does not know the words {unknown}; it understands the edits of its training "
+              f"task (see kontext_core/tiny/weights/MODEL_CARD.md)", file=sys.stderr)
+    with torch.no_grad():
+        embeds, pooled = models.encode_prompt([args.prompt])
+    return models.transformer, models.ae, embeds, pooled, (tiny.IMAGE_SIZE, tiny.IMAGE_SIZE)
+
+
+def cmd_edit(args) -> int:
+    from PIL import Image
+
+    from .pipeline import edit
+    from .tiny.progress import Progress
+
+    try:
+        transformer, ae, embeds, pooled, fixed = _load_edit_models(args)
+        try:
+            img = Image.open(args.image)
+            img.load()
+        except OSError as e:
+            raise KontextError(f"{args.image}: cannot read the image ({e})") from None
+        resize = "stretch"
+        if fixed is not None:
+            resize = "keep"
+            if img.size != fixed:
+                print(f"note: Kontext-Tiny edits {fixed[0]}x{fixed[1]} pictures; {args.image} "
+                      f"({img.width}x{img.height}) is resized to that", file=sys.stderr)
+                img = img.convert("RGB").resize(fixed, Image.LANCZOS)
+        bar = Progress(args.steps, "edit", every_s=1.0)
+        result = edit(transformer, ae, images=[img], prompt_embeds=embeds, pooled_prompt_embeds=pooled,
+                      resize=resize, steps=args.steps, seed=args.seed, guidance=args.guidance,
+                      callback=lambda i, n, x, x0: bar.update())
+        result.images[0].save(args.out)
+    except USER_ERRORS as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out}")
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse prints the usage block before an error; we keep failures to one line on stderr."""
 
@@ -176,6 +271,27 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="python -m kontext_core", description="FLUX.1 Kontext engine tools")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    from .tiny import DEFAULT_GUIDANCE, DEFAULT_STEPS
+
+    ed = sub.add_parser("edit", help="edit an image from an instruction (bundled Kontext-Tiny by default)")
+    ed.add_argument("image", help="the picture to edit (PNG, JPEG, ...)")
+    ed.add_argument("--prompt", help="the instruction, e.g. 'make the red circle blue' (Kontext-Tiny)")
+    ed.add_argument("--out", default="edited.png", help="where to write the result (default edited.png)")
+    ed.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"sampling steps (default {DEFAULT_STEPS})")
+    ed.add_argument("--seed", type=int, default=0, help="noise seed (same seed, same result)")
+    ed.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="guidance embedding value")
+    ed.add_argument("--transformer", help="a real Kontext transformer file instead of Kontext-Tiny")
+    ed.add_argument("--ae", help="the autoencoder (ae.safetensors) that goes with --transformer")
+    ed.add_argument("--embeds", help="prompt embeddings file (Save Kontext Conditioning) for --transformer")
+    ed.set_defaults(func=cmd_edit)
+
+    dm = sub.add_parser("demo", help="Kontext-Tiny on every edit type and a 5-turn chain, scored; writes PNGs")
+    dm.add_argument("--out", default="out", help="folder for edits.png, chain.png, metrics.json")
+    dm.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    dm.add_argument("--per-type", type=int, default=2, help="edits per edit type")
+    dm.add_argument("--turns", type=int, default=5, help="turns of the chain")
+    dm.add_argument("--seed", type=int, default=0)
+    dm.set_defaults(func=cmd_demo)
     info = sub.add_parser("info", help="describe checkpoints: layout, architecture, dtypes, size, memory needs")
     info.add_argument("files", nargs="+", help="safetensors / GGUF files or diffusers folders")
     info.set_defaults(func=cmd_info)

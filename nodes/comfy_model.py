@@ -225,3 +225,46 @@ def resolve_model_choice(name: str) -> str:
                                   "models/diffusers")
         return path
     return folder_paths.get_full_path_or_raise("diffusion_models", name)
+
+
+# ------------------------------------------------------------------------------------------------- the AE
+class EngineAEStage(torch.nn.Module):
+    """The first-stage interface core's VAE calls (encode -> unscaled latent mean, decode -> image in [-1, 1])
+    over the engine's AutoEncoder. Core's own VAE builder assumes the full-size FLUX AE, so a smaller one (the
+    bundled Kontext-Tiny) comes in through this."""
+
+    def __init__(self, ae):
+        super().__init__()
+        self.ae = ae
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ae.encode_moments(x)[0]
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.ae.decode_raw(z)
+
+
+def engine_vae(ae) -> "comfy.sd.VAE":
+    """A core VAE object (accepted by VAEEncode / VAEDecode, loaded by ComfyUI's memory manager) around `ae`."""
+    import comfy.sd
+
+    quiet = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # an empty state dict makes core log "No VAE weights detected"
+    try:
+        vae = comfy.sd.VAE(sd={})
+    finally:
+        logging.disable(quiet)
+    ae = ae.float().eval()
+    vae.first_stage_model = EngineAEStage(ae).eval()
+    vae.latent_channels = ae.params.z_channels
+    vae.downscale_ratio = vae.upscale_ratio = ae.downscale
+    per_pixel = 4 * ae.params.ch * max(ae.params.ch_mult)  # bytes of the widest activation, fp32
+    vae.memory_used_encode = lambda shape, dtype: per_pixel * shape[-2] * shape[-1]
+    vae.memory_used_decode = lambda shape, dtype: per_pixel * shape[-2] * shape[-1] * ae.downscale ** 2
+    vae.working_dtypes = [torch.float32]
+    vae.device = mm.vae_device()
+    vae.vae_dtype = torch.float32
+    vae.output_device = mm.intermediate_device()
+    vae.patcher = comfy.model_patcher.ModelPatcher(vae.first_stage_model, load_device=vae.device,
+                                                   offload_device=mm.vae_offload_device())
+    return vae

@@ -10,9 +10,10 @@ from .loaders import GGUFLoader, LoadConditioning, ModelLoader, SaveConditioning
 from .planning import VRAMPlan
 from .reference import ReferenceEncoder
 from .sampler import Sampler
+from .tiny import NODES as TINY_NODES
 
 NODES: list[type[io.ComfyNode]] = [ModelLoader, GGUFLoader, ImageBucket, ReferenceEncoder, Sampler,
-                                   SaveConditioning, LoadConditioning, VRAMPlan]
+                                   SaveConditioning, LoadConditioning, VRAMPlan, *TINY_NODES]
 
 
 class KontextNativeExtension(ComfyExtension):

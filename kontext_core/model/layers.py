@@ -42,7 +42,8 @@ class MLPEmbedder(nn.Module):
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, dtype=None, device=None):
         super().__init__()
-        self.scale = nn.Parameter(torch.empty(dim, dtype=dtype, device=device))
+        # Ones, as the reference initialises it: a model built for training must not start from garbage.
+        self.scale = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
 
     def forward(self, x: Tensor) -> Tensor:
         scale = self.scale.to(device=x.device, dtype=x.dtype)

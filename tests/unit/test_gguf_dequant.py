@@ -166,6 +166,7 @@ def test_whole_tensor_path_used_on_accelerators_is_exact_too(q):
         torch.testing.assert_close(out.view(3, bs * 2), ref, rtol=0, atol=0)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("q", QUANT_TYPES, ids=lambda q: q.name)
 def test_cuda_matches_reference(q):

@@ -121,6 +121,17 @@ def test_scale_search_improves_on_plain_min_max():
     assert e_search < 0.97 * e_plain
 
 
+@pytest.mark.parametrize("q", [QT.Q8_0, QT.Q4_K, QT.Q6_K, QT.BF16], ids=lambda q: q.name)
+def test_quantize_tensor_bytes_do_not_depend_on_chunking(q):
+    # the device path processes many rows per step; blocks never span rows, so the bytes must not change
+    w = torch.from_numpy(STUDENT[:24])
+    ref = quantize(w, q)
+    for chunk in (1, 2048 * 5, 1 << 24):  # one row, a few rows, everything at once
+        out = GQ.quantize_tensor(w, q, chunk_elems=chunk)
+        assert isinstance(out, torch.Tensor) and out.device == w.device and out.dtype == torch.uint8
+        np.testing.assert_array_equal(out.numpy(), ref)
+
+
 def test_quantize_shapes_and_errors():
     assert quantize(GAUSS[:2, :256], QT.Q4_K).shape == (2, 144)
     assert quantize(GAUSS[0, :64], "Q8_0").shape == (1, 68)
