@@ -1,4 +1,5 @@
-"""Command line: `python -m kontext_core info FILE…`, `convert SRC OUT --type Q4_K_M`, `plan [FILE] --gpu NAME --ram GB`."""
+"""Command line: `python -m kontext_core info FILE…`, `convert SRC OUT --type Q4_K_M`,
+`plan [FILE] --gpu NAME --ram GB`."""
 
 from __future__ import annotations
 

@@ -42,7 +42,8 @@ def activation_bytes(params: FluxParams, n_tokens: int, compute_dtype: torch.dty
     return n_tokens * (2 * h * b + (3 * h + m) * b + 2 * h * 4 + 2 * (h + m) * b + h * b)
 
 
-def _params_key(params) -> tuple:
+def params_key(params) -> tuple:
+    """A hashable key of a params dataclass (for caches keyed by architecture)."""
     return tuple(sorted((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in asdict(params).items()))
 
 
@@ -58,7 +59,7 @@ def _flux_shapes(key: tuple) -> dict[str, tuple[int, ...]]:
 def flux_shapes(params: FluxParams) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor of the transformer (BFL names), from the model class itself on the meta
     device (so it cannot drift from what the loaders build); built once per architecture."""
-    return _flux_shapes(_params_key(params))
+    return _flux_shapes(params_key(params))
 
 
 @lru_cache(maxsize=4)
@@ -71,7 +72,7 @@ def _ae_param_count(key: tuple) -> int:
 
 def ae_param_count(params: AutoEncoderParams | None = None) -> int:
     """Parameters of the autoencoder (the FLUX AE: 83,819,683), counted on the meta device once."""
-    return _ae_param_count(_params_key(params or AutoEncoderParams()))
+    return _ae_param_count(params_key(params or AutoEncoderParams()))
 
 
 def largest_layer_bytes(params: FluxParams, dtype: torch.dtype = torch.bfloat16) -> int:

@@ -49,7 +49,7 @@ import torch
 
 from .errors import InputError
 from .hardware import GPUS, GPUSpec, GiB, detect_gpu, find_gpu, system_ram_bytes
-from .memory import (_params_key, activation_bytes, ae_param_count, flux_shapes, human_bytes, text_encoder_bytes,
+from .memory import (params_key, activation_bytes, ae_param_count, flux_shapes, human_bytes, text_encoder_bytes,
                      tokens_for)
 from .model.flux import FluxParams
 
@@ -202,7 +202,7 @@ def _layout(key: tuple, storage: str) -> StorageLayout:
 def storage_layout(params: FluxParams, storage: str) -> StorageLayout:
     """Bytes per block (and dequant traffic) of the transformer stored as `storage`; cached per architecture."""
     _check_storage(storage)
-    return _layout(_params_key(params), storage)
+    return _layout(params_key(params), storage)
 
 
 def _block_index(name: str, params: FluxParams) -> int | None:
@@ -239,7 +239,7 @@ def _block_flops(key: tuple, n_img: int, n_txt: int) -> tuple[tuple[float, float
 def block_flops(params: FluxParams, n_img: int, n_txt: int = TXT_TOKENS) -> list[tuple[float, float]]:
     """(linear FLOPs, attention FLOPs) of each block for one forward over n_img image (target + context) and
     n_txt text tokens."""
-    return list(_block_flops(_params_key(params), n_img, n_txt))
+    return list(_block_flops(params_key(params), n_img, n_txt))
 
 
 def step_flops(params: FluxParams, n_tokens: int, n_txt: int = TXT_TOKENS) -> float:
@@ -338,7 +338,7 @@ def plan(params: FluxParams, storage: str, machine: Machine, width: int = 1024, 
                      f"({human_bytes(acts)}) do not fit {human_bytes(machine.vram_bytes)}"], notes)
 
     # time
-    flops = _block_flops(_params_key(params), n_tokens - TXT_TOKENS, TXT_TOKENS)
+    flops = _block_flops(params_key(params), n_tokens - TXT_TOKENS, TXT_TOKENS)
     lin_rate = (gpu.fp8_tflops if fp8_mm else gpu.bf16_tflops) * 1e12 * a.efficiency
     attn_rate = gpu.bf16_tflops * 1e12 * a.efficiency
     mem_rate = gpu.mem_gbps * 1e9 * a.mem_efficiency
@@ -437,7 +437,8 @@ def report(params: FluxParams, machine: Machine, width: int = 1024, height: int 
              "| output error | fits |", "|---|---|---|---|---|---|---|---|"]
     for p in plans:
         if p.mode == "does not fit":
-            row = f"| {p.storage} | {human_bytes(p.weights_bytes)} | — | — | — | — | {_pct(p.output_error)} | no: VRAM |"
+            row = (f"| {p.storage} | {human_bytes(p.weights_bytes)} | — | — | — | — | {_pct(p.output_error)} "
+                   "| no: VRAM |")
         else:
             why = "yes" if p.fits else "no: " + "; ".join(r.split(":")[0] for r in p.reasons)
             row = (f"| {p.storage} | {human_bytes(p.weights_bytes)} | {p.resident_blocks}/{p.total_blocks} | "
