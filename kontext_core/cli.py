@@ -1,5 +1,5 @@
 """Command line (`kontext-core` or `python -m kontext_core`): `edit IMAGE --prompt …`, `demo --out DIR`,
-`info FILE…`, `convert SRC OUT --type Q4_K_M`, `plan FILE --vram 8`."""
+`info FILE…`, `convert SRC OUT --type Q4_K_M`, `plan [FILE] --gpu NAME --ram GB`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 from collections import Counter
 
 from .errors import InputError, KontextError
-from .memory import footprint, human_bytes
+from .memory import T5_STORAGES, footprint, human_bytes
 
 # What a command may raise for a bad file or argument: reported as one line, never as a traceback.
 USER_ERRORS = (KontextError, OSError, ValueError, MemoryError)
@@ -154,34 +154,37 @@ def check_plan_args(args) -> None:
     """Every `plan` argument in range (InputError naming the option otherwise)."""
     from .validation import check_float, check_int, check_size
 
-    if args.vram is not None:
-        check_float(args.vram, "--vram (GB)", 0.0, lo_open=True)
+    for value, name in ((args.vram, "--vram (GiB)"), (args.ram, "--ram (GiB)"), (args.pcie_gbps, "--pcie-gbps")):
+        if value is not None:
+            check_float(value, name, 0.0, lo_open=True)
     check_size(*args.size, what="--size", hint="; pass WxH such as 1024x1024")
     check_int(args.refs, "--refs", 0, 16)
-    check_float(args.tflops, "--tflops", 0.0, lo_open=True)
-    check_float(args.pcie_gbps, "--pcie-gbps", 0.0, lo_open=True)
 
 
 def cmd_plan(args) -> int:
-    from .planner import BUDGETS_GB, STORAGES, Assumptions, report
+    from .hardware import gpu_table
+    from .planner import STORAGES, Assumptions, machine, report
     from .weights.loader import read_transformer, resolve_params, validate_checkpoint
 
+    if args.list_gpus:
+        print(gpu_table())
+        return 0
     try:
         check_plan_args(args)
-        params = None
         if args.model:
             ck = read_transformer(args.model)
             params = resolve_params(ck)
             validate_checkpoint(ck, params)
+        else:
+            from .model.flux import KONTEXT_DEV as params
+        m = machine(args.gpu, args.vram, args.ram)
+        a = Assumptions(fp8_matmul=args.fp8_matmul, pinned=args.pinned, link_gbps=args.pcie_gbps,
+                        free_text_encoder=args.free_text_encoder)
+        w, h = args.size
+        print(report(params, m, w, h, args.refs, args.text_encoder, a, STORAGES))
     except USER_ERRORS as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 1
-    if params is None:
-        from .model.flux import KONTEXT_DEV as params
-    budgets = sorted(set(BUDGETS_GB) | ({args.vram} if args.vram else set()))
-    a = Assumptions(tflops=args.tflops, pcie_gbps=args.pcie_gbps, fp8_matmul=args.fp8_matmul)
-    w, h = args.size
-    print(report(params, w, h, args.refs, budgets, STORAGES, a))
     return 0
 
 
@@ -303,14 +306,24 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q5_0, Q5_1, Q4_0, Q4_1, Q3_K_M, Q2_K, F16, BF16")
     conv.set_defaults(func=cmd_convert)
 
-    pl = sub.add_parser("plan", help="predict peak VRAM and speed per storage type; recommend what fits")
+    pl = sub.add_parser("plan", help="predict GPU memory, RAM, speed and quality per storage type on your machine; "
+                                     "recommend one")
     pl.add_argument("model", nargs="?", help="transformer file (architecture); default: FLUX.1 Kontext dev")
-    pl.add_argument("--vram", type=float, help="your GPU's memory in GB (added to 7, 8, 12, 16, 24)")
+    pl.add_argument("--gpu", help="GPU by name, e.g. 'RTX 4060 Laptop' (see --list-gpus); default: this machine's")
+    pl.add_argument("--list-gpus", action="store_true", help="print the GPU table the planner knows and exit")
+    pl.add_argument("--vram", type=float, help="GPU memory to plan for in GiB (default: the card's)")
+    pl.add_argument("--ram", type=float, help="system RAM in GiB (default: this machine's)")
     pl.add_argument("--size", type=_parse_size, default=(1024, 1024), help="output WxH, default 1024x1024")
     pl.add_argument("--refs", type=int, default=1, help="number of context images (each at the output size)")
-    pl.add_argument("--tflops", type=float, default=150.0, help="dense bf16 TFLOP/s your GPU reaches")
-    pl.add_argument("--pcie-gbps", type=float, default=10.0, help="host-to-device GB/s (about 20 with pinned memory)")
-    pl.add_argument("--fp8-matmul", action="store_true", help="GPU has fp8 matmul (compute capability >= 8.9)")
+    pl.add_argument("--text-encoder", default="fp8", choices=T5_STORAGES,
+                    help="T5-XXL in use: fp16 (9.5 GB), fp8 (4.9 GB, default), a GGUF type, or none (saved "
+                         "conditioning); CLIP-L is always counted")
+    pl.add_argument("--free-text-encoder", action="store_true",
+                    help="text encoders are freed after encoding (default: kept in RAM, as ComfyUI does)")
+    pl.add_argument("--fp8-matmul", action="store_true", help="multiply fp8 weights in fp8 (needs cc >= 8.9)")
+    pl.add_argument("--pinned", action="store_true", help="streamed weights in pinned memory (stream_model's "
+                                                          "pin_memory): faster copies, page-locked RAM")
+    pl.add_argument("--pcie-gbps", type=float, help="measured host-to-device GB/s (default: from the card's link)")
     pl.set_defaults(func=cmd_plan)
     return ap
 
