@@ -21,8 +21,9 @@ from host_env import COMFYUI_PATH, REPO, ComfyServer
 
 CHROMIUM = "/usr/bin/chromium"
 PACK = "comfyui-kontext-native"  # the folder name the pack is linked under (host_assets does the same)
-TIMEOUT_MS = 180_000  # generous: the test machines are small and busy
+TIMEOUT_MS = 400_000  # generous: the test machines are small and often busy
 VIEWPORT = (1600, 1000)
+THUMBNAIL_VIEWPORT = (2000, 1400)  # wide enough that the widest graph fits at a readable zoom
 MISSING_NODES_TEXT = "missing"  # the frontend's missing-node dialog lists "node types were not found"
 
 
@@ -51,19 +52,28 @@ def fresh_base(base: Path) -> Path:
 
 
 @contextmanager
-def browser_page(url: str):
+def browser_page(url: str, viewport: tuple[int, int] = VIEWPORT):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
-            page = browser.new_page(viewport={"width": VIEWPORT[0], "height": VIEWPORT[1]})
+            page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
             page.set_default_timeout(TIMEOUT_MS)
             page.errors = []
-            page.on("pageerror", lambda e: page.errors.append(str(e)))
+            page.on("pageerror", lambda e: page.errors.append(f"{e.message}\n{(e.stack or '')[:1500]}"))
             page.goto(url, timeout=TIMEOUT_MS)
             page.wait_for_function("window.app && window.app.graph && window.app.extensionManager",
                                    timeout=TIMEOUT_MS)
+            # pictures, not behaviour: no minimap over the canvas, and node text drawn at every zoom
+            page.evaluate("""async () => {
+                await app.extensionManager.setting.set('Comfy.Minimap.Visible', false);
+                await app.extensionManager.setting.set('LiteGraph.Canvas.MinFontSizeForLOD', 1);
+            }""")
+            time.sleep(2)
+            # frontend 1.27.10 throws one TypeError of its own while registering settings at start-up (on a
+            # fresh page, before any workflow): only errors raised from here on are counted
+            page.startup_errors, page.errors = page.errors, []
             yield page
         finally:
             browser.close()
@@ -89,7 +99,8 @@ def open_template(page, title: str, n_nodes: int) -> list[str]:
     page.get_by_role("option", name=PACK).click()
     page.locator(f'[data-testid="template-workflow-{title}"]').click()
     page.wait_for_function("([title, n]) => app.graph.nodes.length === n && "
-                           "document.title.includes(title)", arg=[title, n_nodes])
+                           "(app.extensionManager.workflow?.activeWorkflow?.filename === title || "
+                           "document.title.includes(title))", arg=[title, n_nodes])
     time.sleep(1.5)  # let images load and dialogs open
     return dialog_texts(page)
 
@@ -153,11 +164,11 @@ def render_thumbnails(base: Path) -> None:
     b = W.builder()
     server = ComfyServer(fresh_base(base), start_timeout=900)
     try:
-        with browser_page(server.url) as page:
+        with browser_page(server.url, THUMBNAIL_VIEWPORT) as page:
             for g in W.graphs().values():
                 open_template(page, g.title, len(g.nodes))
                 b.thumbnail_path(g).write_bytes(canvas_jpeg(page))
-                print(f"wrote {b.thumbnail_path(g).relative_to(REPO)}")
+                print(f"wrote {b.thumbnail_path(g).relative_to(REPO)}; page errors so far: {page.errors}", flush=True)
     finally:
         server.stop()
 
