@@ -92,8 +92,8 @@ def build_jobs() -> list[dict]:
     jobs += [
         {"name": "parity_single", "prompt": W.with_saved_latents(tiny("single_edit"), "parity_single")},
         {"name": "parity_composition", "prompt": W.with_saved_latents(sampler_settings(
-            tiny("two_reference_composition"), steps=6, seed=7, solver="dpmpp_2m", scheduler="kontext_unshifted"),
-            "parity_composition")},
+            W.set_images(tiny("two_reference_composition"), {"Scene": "scene.png", "Character": "character.png"}),
+            steps=6, seed=7, solver="dpmpp_2m", scheduler="kontext_unshifted"), "parity_composition")},
         {"name": "parity_true_cfg", "prompt": parity_true_cfg()},
         {"name": "parity_img2img", "prompt": img2img()},
         {"name": "lora", "prompt": W.with_saved_latents(with_lora(tiny("single_edit"), 1.0), "lora")},
@@ -165,10 +165,9 @@ def test_pack_loads_with_all_nodes(driver):
 
 EXAMPLE = A.IMAGES["example.png"]  # placeholder images are used at their own size ('keep', see host_workflows)
 LATENT_HW = (EXAMPLE[1] // 8, EXAMPLE[0] // 8)
-EXPECTED_SIZES = {  # composition: the first reference's size (the scene)
+EXPECTED_SIZES = {  # as shipped every LoadImage reads example.png (parity_composition uses two sizes)
     "single_edit": [EXAMPLE], "text_replacement": [EXAMPLE], "edit_chain_3_turns": [EXAMPLE],
-    "kontext_official_basic": [EXAMPLE], "two_reference_composition": [A.IMAGES["scene.png"]],
-    "low_vram_gguf_chain": [EXAMPLE],
+    "kontext_official_basic": [EXAMPLE], "two_reference_composition": [EXAMPLE], "low_vram_gguf_chain": [EXAMPLE],
 }
 
 
@@ -243,6 +242,9 @@ def test_sampler_matches_engine(driver, name, neg):
     ok(driver, name)
     ours, engine = _engine_run(driver, name, A.COND_FILES[0], neg)
     assert ours.shape == engine.shape
+    if name == "parity_composition":  # the first reference (the scene) sets the output size
+        w, h = A.IMAGES["scene.png"]
+        assert ours.shape[-2:] == (h // 8, w // 8)
     torch.testing.assert_close(ours, engine, rtol=1e-4, atol=1e-4)
 
 
