@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 import uuid
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # kontext_core (torch-only; the nodes package needs ComfyUI)
 API_DIR = HERE / "api"
 
 
@@ -76,6 +78,11 @@ SPECS: dict[str, tuple[list, list, list]] = {
     "SaveImage": ([("images", "IMAGE")], [], ["filename_prefix"]),
     "PreviewImage": ([("images", "IMAGE")], [], []),
     "Note": ([], [], ["text"]),
+    "KontextNativeTinyLoader": ([], [("MODEL", "MODEL"), ("VAE", "VAE"),
+                                     ("TEXT_ENCODER", "KONTEXT_TINY_TEXT_ENCODER")], []),
+    "KontextNativeTinyPrompt": ([("text_encoder", "KONTEXT_TINY_TEXT_ENCODER")], [("CONDITIONING", "CONDITIONING")],
+                                ["text"]),
+    "KontextNativeTinyScene": ([], [("IMAGE", "IMAGE"), ("instruction", "STRING")], ["seed", "edit_type"]),
 }
 FRONTEND_ONLY = {"Note"}  # not executed: absent from the API format
 
@@ -89,6 +96,8 @@ DISPLAY_NAMES = {
     "FluxKontextImageScale": "FluxKontextImageScale", "VAEEncode": "VAE Encode", "VAEDecode": "VAE Decode",
     "ReferenceLatent": "ReferenceLatent", "FluxGuidance": "FluxGuidance", "ConditioningZeroOut": "ConditioningZeroOut",
     "KSampler": "KSampler", "SaveImage": "Save Image", "PreviewImage": "Preview Image", "Note": "Note",
+    "KontextNativeTinyLoader": "Load Kontext-Tiny", "KontextNativeTinyPrompt": "Kontext-Tiny Prompt",
+    "KontextNativeTinyScene": "Kontext-Tiny Scene",
 }
 
 TITLE_H = 30  # LiteGraph.NODE_TITLE_HEIGHT: the title bar sits above a node's pos
@@ -104,6 +113,7 @@ MIN_SIZES = {
     "KontextNativeSampler": (210, 358), "VAEDecode": (140, 46), "VAEEncode": (140, 46), "PreviewImage": (140, 26),
     "SaveImage": (210, 58), "FluxKontextImageScale": (188, 26), "ReferenceLatent": (198, 46),
     "FluxGuidance": (210, 58), "ConditioningZeroOut": (198, 26), "KSampler": (210, 262),
+    "KontextNativeTinyLoader": (225, 66), "KontextNativeTinyPrompt": (210, 88), "KontextNativeTinyScene": (210, 82),
 }
 # The size used when a workflow asks for none: roomier than the minimum where text or images are shown.
 DEFAULT_SIZES = {
@@ -113,6 +123,7 @@ DEFAULT_SIZES = {
     "KontextNativeSampler": (320, 358), "VAEDecode": (200, 46), "VAEEncode": (200, 46), "PreviewImage": (320, 320),
     "SaveImage": (400, 420), "FluxKontextImageScale": (270, 26), "ReferenceLatent": (200, 46),
     "FluxGuidance": (280, 58), "ConditioningZeroOut": (240, 26), "KSampler": (320, 262),
+    "KontextNativeTinyLoader": (300, 66), "KontextNativeTinyPrompt": (340, 120), "KontextNativeTinyScene": (300, 82),
 }
 # Loader widgets naming files to download: their values go into the node's properties.models.
 FILE_WIDGETS = {"KontextNativeModelLoader": ["model_name"], "KontextNativeGGUFLoader": ["gguf_name"],
@@ -482,7 +493,47 @@ def low_vram_gguf_chain() -> Graph:
     return g
 
 
-WORKFLOWS = [single_edit, edit_chain, composition, text_replacement, official_basic, low_vram_gguf_chain]
+TINY_NOTE = ("Kontext-Tiny: check the pack works, on CPU, in seconds — nothing to download.\n\n"
+             "Kontext-Tiny is a 16 MB Kontext editor bundled with the pack: the same engine, nodes and sampler as "
+             "FLUX.1 Kontext dev, trained to edit 64x64 pictures of coloured shapes, a sign with letters and a "
+             "character. Kontext-Tiny Scene draws such a picture (change its seed for another one) and suggests an "
+             "instruction; type your own in Kontext-Tiny Prompt, in its words: recolour ('make the triangle "
+             "blue'), remove, add ('add a red star at the top left'), move ('move the circle left'), bigger / "
+             "smaller, background ('make the background teal'), sign text ('write HE on the sign'), 'invert the "
+             "colours' / 'make it black and white', 'give the character a green hat'. It only knows this world: "
+             "a photo will not edit well. Its measured success rates are in the pack's README.")
+
+
+def kontext_tiny() -> Graph:
+    from kontext_core.tiny import DEFAULT_STEPS
+    from kontext_core.tiny.edits import DEFAULT_SCENE, scene_triple
+
+    g = Graph("kontext_tiny", "Kontext-Tiny (CPU, no download)")
+    g.add("Note", 0, {"text": TINY_NOTE}, title="Kontext-Tiny: how to use")
+    loader = g.add("KontextNativeTinyLoader", 0)
+    scene = g.add("KontextNativeTinyScene", 1, {"seed": DEFAULT_SCENE[0], "edit_type": DEFAULT_SCENE[1]})
+    shown = g.add("PreviewImage", 1, size=(200, 240), title="Picture to edit")
+    prompt = g.add("KontextNativeTinyPrompt", 1, {"text": scene_triple(*DEFAULT_SCENE).instruction}, title="Edit instruction")
+    ref = g.add("KontextNativeReferenceEncoder", 2, {"layout": "offset"})
+    widgets = _sampler_widgets(0, DEFAULT_STEPS)
+    sampler = g.add("KontextNativeSampler", 2, widgets)
+    dec = g.add("VAEDecode", 3)
+    save = g.add("SaveImage", 3, {"filename_prefix": "kontext/tiny"}, size=(260, 300))
+    g.link(scene, 0, shown, "images")
+    g.link(loader, 2, prompt, "text_encoder")
+    g.link(prompt, 0, ref, "conditioning")
+    g.link(loader, 1, ref, "vae")
+    g.link(scene, 0, ref, "image")
+    g.link(loader, 0, sampler, "model")
+    g.link(ref, 0, sampler, "positive")
+    g.link(sampler, 0, dec, "samples")
+    g.link(loader, 1, dec, "vae")
+    g.link(dec, 0, save, "images")
+    return g
+
+
+WORKFLOWS = [kontext_tiny, single_edit, edit_chain, composition, text_replacement, official_basic,
+             low_vram_gguf_chain]
 
 
 def ui_path(g: Graph) -> Path:
