@@ -383,8 +383,8 @@ def _tiny_output(driver, kind: str):
 
 
 def test_kontext_tiny_workflow_edits_in_comfyui(driver):
-    """Every edit type through the shipped workflow in ComfyUI, scored exactly from the scene description, and
-    equal to the engine's own edit of the same scene, prompt and seed."""
+    """Every edit type through the shipped workflow in ComfyUI equals the engine's own edit of the same scene,
+    prompt and seed; the shipped workflow's own edit succeeds by the exact scene-based test."""
     import numpy as np
 
     from kontext_core import tiny
@@ -398,12 +398,9 @@ def test_kontext_tiny_workflow_edits_in_comfyui(driver):
     engine = [edit_triples(models, [t], seed=0)[0] for t in triples]  # the workflow's sampler seed is 0
     for t, ours, ref in zip(triples, outputs, engine):
         assert np.abs(ours.astype(int) - ref).max() <= 2, t.instruction  # 8-bit rounding of the same edit
-    # the edit happened: outputs nearer the exact targets than the unedited pictures are (the held-out success
-    # rate is 28 %, see MODEL_CARD.md, so 9 fixed scenes may well contain no full success) ...
-    closer = [score(t, o).target_db > score(t, render(t.context).image).target_db for t, o in zip(triples, outputs)]
-    assert sum(closer) >= 5, closer
-    # ... and the shipped workflow, as a user opens it (its scene was fixed before the model was trained),
-    # performs its edit
+    # the edit happened: the shipped workflow, as a user opens it (its scene was fixed before the model was
+    # trained), performs its edit, scored from the scene description (held-out success over all types is 28 %,
+    # see MODEL_CARD.md, so the 9 per-type scenes above are compared with the engine, not scored)
     from kontext_core.tiny.edits import DEFAULT_SCENE
 
     (path,) = saved(driver, "wf:kontext_tiny", W.find(driver["jobs"]["wf:kontext_tiny"], "SaveImage")[0], "images")
