@@ -289,7 +289,11 @@ def planner_prediction(params: FluxParams, storage: str, vram_bytes: int, width:
         if A is not None:
             names = {f.name for f in fields(A)}
             a = A(**{k: v for k, v in assume.items() if k in names and v is not None})
-        p = P.plan(params, storage, int(vram_bytes), width, height, refs, a)
+        if hasattr(P, "machine"):  # the machine-aware planner: this GPU (a named stand-in in the CPU dry run)
+            m = P.machine(None if torch.cuda.is_available() else "RTX 4090", vram_gib=int(vram_bytes) / 2 ** 30)
+            p = P.plan(params, storage, m, width, height, refs, assumptions=a)
+        else:
+            p = P.plan(params, storage, int(vram_bytes), width, height, refs, a)
 
         def get(*names):
             return next((getattr(p, n) for n in names if hasattr(p, n)), None)
@@ -297,13 +301,7 @@ def planner_prediction(params: FluxParams, storage: str, vram_bytes: int, width:
         out = dict(fits=get("fits"), mode=get("mode"), pred_peak_bytes=get("peak_bytes"),
                    pred_step_s=get("step_seconds", "seconds_per_step"), pred_resident=get("resident_blocks"),
                    blocks=get("total_blocks"), pred_streamed_bytes=get("streamed_bytes"))
-        wb = get("weight_budget", "weight_budget_bytes")
-        if wb is None:  # the planner's arithmetic (planner.plan): device memory minus what is not weights
-            n_tokens = tokens_for(width, height, refs)[1]
-            compute = getattr(a, "compute_dtype", torch.bfloat16)
-            layout = P.storage_layout(params, storage, compute)
-            scratch = 0 if (storage.startswith("fp8") and getattr(a, "fp8_matmul", False)) else layout.largest_upcast
-            wb = int(vram_bytes) - activation_bytes(params, n_tokens, compute) - getattr(a, "reserve_bytes", 0) - scratch
+        wb = get("weight_budget_bytes", "weight_budget")
         out["weight_budget_bytes"] = int(wb)
     except Exception as e:  # a reworked planner must not take the measurements down with it
         out["planner_error"] = f"{type(e).__name__}: {e}"

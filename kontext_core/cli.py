@@ -1,14 +1,23 @@
 """Command line (`kontext-core` or `python -m kontext_core`): `edit IMAGE --prompt …`, `demo --out DIR`,
-`info FILE…`, `convert SRC OUT --type Q4_K_M`, `plan FILE --vram 8`."""
+`info FILE…`, `convert SRC OUT --type Q4_K_M`, `plan [FILE] --gpu NAME --ram GB`."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import Counter
 
-from .errors import KontextError
-from .memory import footprint, human_bytes
+from .errors import InputError, KontextError
+from .memory import T5_STORAGES, footprint, human_bytes
+
+# What a command may raise for a bad file or argument: reported as one line, never as a traceback.
+USER_ERRORS = (KontextError, OSError, ValueError, MemoryError)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if isinstance(e, KontextError) else f"{type(e).__name__}: {text}"
 
 
 def _dtype_summary(qtypes: dict[str, str], tensors) -> str:
@@ -21,11 +30,12 @@ def _dtype_summary(qtypes: dict[str, str], tensors) -> str:
 
 
 def describe_transformer(path: str) -> list[str]:
-    from .weights.flux_layout import infer_flux_params, shape_of
-    from .weights.loader import read_transformer
+    from .weights.flux_layout import shape_of
+    from .weights.loader import read_transformer, resolve_params, validate_checkpoint
 
     ck = read_transformer(path)
-    p = infer_flux_params(ck.tensors)
+    p = resolve_params(ck)
+    validate_checkpoint(ck, p)  # family (Fill/Depth/Canny are refused), keys, shapes, storage types
     n_params = 0
     for t in ck.tensors.values():
         n = 1
@@ -51,16 +61,24 @@ def describe_transformer(path: str) -> list[str]:
     return lines
 
 
-def describe_autoencoder(path: str) -> list[str]:
-    from .weights.ae_layout import detect_ae_layout, infer_ae_params, strip_ae_prefix, convert_diffusers_vae_to_ldm
+def read_autoencoder(path: str) -> tuple[dict, str]:
+    """(LDM-layout state dict, layout) of a file that holds an autoencoder; CheckpointError if it holds none."""
+    from .weights.ae_layout import convert_diffusers_vae_to_ldm, detect_ae_layout, strip_ae_prefix
     from .weights.safetensors_io import load_state_dict
 
     sd = strip_ae_prefix(load_state_dict(path, prefer=("vae/diffusion_pytorch_model.safetensors",
                                                        "diffusion_pytorch_model.safetensors")))
     layout = detect_ae_layout(sd, source=path)
-    if layout == "diffusers":
-        sd = convert_diffusers_vae_to_ldm(sd)
+    return (convert_diffusers_vae_to_ldm(sd) if layout == "diffusers" else sd), layout
+
+
+def describe_autoencoder(path: str, sd: dict, layout: str) -> list[str]:
+    """Refuses what the Kontext pipeline cannot use (SD-style VAEs: quant convs, 4 latent channels)."""
+    from .weights.ae_layout import check_ae_tensors, check_flux_ae, infer_ae_params
+
+    check_ae_tensors(sd, path)
     p = infer_ae_params(sd, source=path)
+    check_flux_ae(p, path)
     n = sum(t.numel() for t in sd.values())
     dtypes = Counter(str(t.dtype).replace("torch.", "") for t in sd.values())
     return [f"{path}", "  model        FLUX autoencoder", f"  layout       {layout}",
@@ -94,11 +112,13 @@ def cmd_info(args) -> int:
                 lines = describe_transformer(path)
             except KontextError as first:
                 try:
-                    lines = describe_autoencoder(path)
+                    sd, layout = read_autoencoder(path)
                 except KontextError:
                     raise first from None
-        except KontextError as e:
-            print(f"{path}\n  error: {e}", file=sys.stderr)
+                lines = describe_autoencoder(path, sd, layout)  # an autoencoder: its own errors are the relevant ones
+        except USER_ERRORS as e:
+            msg = _one_line(e)
+            print(f"error: {msg}" if path in msg else f"error: {path}: {msg}", file=sys.stderr)
             status = 1
             continue
         print("\n".join(lines))
@@ -112,9 +132,11 @@ def cmd_convert(args) -> int:
         print(f"  [{i}/{n}] {name}", end="\r", flush=True)
 
     try:
+        if os.path.exists(args.out) and os.path.samefile(args.src, args.out):
+            raise InputError(f"{args.out}: the output would overwrite the source; choose another output file")
         convert_to_gguf(args.src, args.out, args.type, progress=progress)
-    except KontextError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 1
     print()
     return cmd_info(argparse.Namespace(files=[args.out]))
@@ -128,22 +150,41 @@ def _parse_size(text: str) -> tuple[int, int]:
     return w, h
 
 
-def cmd_plan(args) -> int:
-    from .planner import BUDGETS_GB, STORAGES, Assumptions, report
-    from .weights.flux_layout import infer_flux_params
-    from .weights.loader import read_transformer
+def check_plan_args(args) -> None:
+    """Every `plan` argument in range (InputError naming the option otherwise)."""
+    from .validation import check_float, check_int, check_size
 
+    for value, name in ((args.vram, "--vram (GiB)"), (args.ram, "--ram (GiB)"), (args.pcie_gbps, "--pcie-gbps")):
+        if value is not None:
+            check_float(value, name, 0.0, lo_open=True)
+    check_size(*args.size, what="--size", hint="; pass WxH such as 1024x1024")
+    check_int(args.refs, "--refs", 0, 16)
+
+
+def cmd_plan(args) -> int:
+    from .hardware import gpu_table
+    from .planner import STORAGES, Assumptions, machine, report
+    from .weights.loader import read_transformer, resolve_params, validate_checkpoint
+
+    if args.list_gpus:
+        print(gpu_table())
+        return 0
     try:
-        params = infer_flux_params(read_transformer(args.model).tensors) if args.model else None
-    except KontextError as e:
-        print(f"error: {e}", file=sys.stderr)
+        check_plan_args(args)
+        if args.model:
+            ck = read_transformer(args.model)
+            params = resolve_params(ck)
+            validate_checkpoint(ck, params)
+        else:
+            from .model.flux import KONTEXT_DEV as params
+        m = machine(args.gpu, args.vram, args.ram)
+        a = Assumptions(fp8_matmul=args.fp8_matmul, pinned=args.pinned, link_gbps=args.pcie_gbps,
+                        free_text_encoder=args.free_text_encoder)
+        w, h = args.size
+        print(report(params, m, w, h, args.refs, args.text_encoder, a, STORAGES))
+    except USER_ERRORS as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 1
-    if params is None:
-        from .model.flux import KONTEXT_DEV as params
-    budgets = sorted(set(BUDGETS_GB) | ({args.vram} if args.vram else set()))
-    a = Assumptions(tflops=args.tflops, pcie_gbps=args.pcie_gbps, fp8_matmul=args.fp8_matmul)
-    w, h = args.size
-    print(report(params, w, h, args.refs, budgets, STORAGES, a))
     return 0
 
 
@@ -152,8 +193,8 @@ def cmd_demo(args) -> int:
 
     try:
         run_demo(args.out, steps=args.steps, per_type=args.per_type, turns=args.turns, seed=args.seed)
-    except KontextError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 1
     return 0
 
@@ -219,16 +260,23 @@ def cmd_edit(args) -> int:
         if result.changed is not None:
             print(f"paste-back: {100 * (1 - result.changed.float().mean().item()):.1f} % of the pixels are the "
                   "input's own (the edit did not change them)")
-    except KontextError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 1
     print(f"wrote {args.out}")
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse prints the usage block before an error; we keep failures to one line on stderr."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m kontext_core", description="FLUX.1 Kontext engine tools")
-    sub = ap.add_subparsers(dest="command", required=True)
+    ap = _Parser(prog="python -m kontext_core", description="FLUX.1 Kontext engine tools")
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
     from .tiny import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
     ed = sub.add_parser("edit", help="edit an image from an instruction (bundled Kontext-Tiny by default)")
@@ -264,14 +312,24 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q5_0, Q5_1, Q4_0, Q4_1, Q3_K_M, Q2_K, F16, BF16")
     conv.set_defaults(func=cmd_convert)
 
-    pl = sub.add_parser("plan", help="predict peak VRAM and speed per storage type; recommend what fits")
+    pl = sub.add_parser("plan", help="predict GPU memory, RAM, speed and quality per storage type on your machine; "
+                                     "recommend one")
     pl.add_argument("model", nargs="?", help="transformer file (architecture); default: FLUX.1 Kontext dev")
-    pl.add_argument("--vram", type=float, help="your GPU's memory in GB (added to 7, 8, 12, 16, 24)")
+    pl.add_argument("--gpu", help="GPU by name, e.g. 'RTX 4060 Laptop' (see --list-gpus); default: this machine's")
+    pl.add_argument("--list-gpus", action="store_true", help="print the GPU table the planner knows and exit")
+    pl.add_argument("--vram", type=float, help="GPU memory to plan for in GiB (default: the card's)")
+    pl.add_argument("--ram", type=float, help="system RAM in GiB (default: this machine's)")
     pl.add_argument("--size", type=_parse_size, default=(1024, 1024), help="output WxH, default 1024x1024")
     pl.add_argument("--refs", type=int, default=1, help="number of context images (each at the output size)")
-    pl.add_argument("--tflops", type=float, default=150.0, help="dense bf16 TFLOP/s your GPU reaches")
-    pl.add_argument("--pcie-gbps", type=float, default=10.0, help="host-to-device GB/s (about 20 with pinned memory)")
-    pl.add_argument("--fp8-matmul", action="store_true", help="GPU has fp8 matmul (compute capability >= 8.9)")
+    pl.add_argument("--text-encoder", default="fp8", choices=T5_STORAGES,
+                    help="T5-XXL in use: fp16 (9.5 GB), fp8 (4.9 GB, default), a GGUF type, or none (saved "
+                         "conditioning); CLIP-L is always counted")
+    pl.add_argument("--free-text-encoder", action="store_true",
+                    help="text encoders are freed after encoding (default: kept in RAM, as ComfyUI does)")
+    pl.add_argument("--fp8-matmul", action="store_true", help="multiply fp8 weights in fp8 (needs cc >= 8.9)")
+    pl.add_argument("--pinned", action="store_true", help="streamed weights in pinned memory (stream_model's "
+                                                          "pin_memory): faster copies, page-locked RAM")
+    pl.add_argument("--pcie-gbps", type=float, help="measured host-to-device GB/s (default: from the card's link)")
     pl.set_defaults(func=cmd_plan)
     return ap
 

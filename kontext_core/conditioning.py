@@ -11,7 +11,8 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from .errors import CheckpointError
+from .errors import CheckpointError, KontextError
+from .validation import check_guidance, check_text_embeddings
 from .weights.safetensors_io import SafetensorsFile
 
 PROMPT_KEY, POOLED_KEY = "prompt_embeds", "pooled_prompt_embeds"
@@ -34,8 +35,16 @@ def load_embeddings(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor
         raise CheckpointError(f"{path}: not a conditioning file: missing {missing} (found {sorted(f.keys())[:5]}). "
                               "Save one with the conditioning save node or kontext_core.conditioning.save_embeddings.")
     t5, pooled = f.tensor(PROMPT_KEY).clone(), f.tensor(POOLED_KEY).clone()
-    if t5.ndim != 3 or pooled.ndim != 2 or t5.shape[0] != pooled.shape[0]:
-        raise CheckpointError(f"{path}: prompt_embeds must be (B, L, C) and pooled_prompt_embeds (B, P) with the "
-                              f"same B; found {tuple(t5.shape)} and {tuple(pooled.shape)}.")
+    try:
+        check_text_embeddings(t5, pooled, what="the saved prompt")
+    except KontextError as e:
+        raise CheckpointError(f"{path}: {e}. Save the conditioning again.") from None
     g = f.metadata.get("guidance")
-    return t5, pooled, float(g) if g is not None else None
+    if g is None:
+        return t5, pooled, None
+    try:
+        guidance = check_guidance(float(g))
+    except (ValueError, KontextError):
+        raise CheckpointError(f"{path}: metadata 'guidance' is {g!r}; expected a finite number such as 2.5. "
+                              "Save the conditioning again (or remove that metadata entry).") from None
+    return t5, pooled, guidance

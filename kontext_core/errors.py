@@ -19,3 +19,7 @@ class UnsupportedQuantError(CheckpointError):
 
 class InputError(KontextError, ValueError):
     """An argument to the public API is out of range or inconsistent (sizes, references, steps...)."""
+
+
+class NumericalError(KontextError, RuntimeError):
+    """A model produced NaN/Inf (which would be saved as a black image): corrupt weights or overflow."""

@@ -15,6 +15,7 @@ from PIL import Image
 from torch import Tensor
 
 from .errors import InputError
+from .validation import check_size
 
 _BASE = [(672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184),
          (944, 1104), (1024, 1024)]
@@ -37,22 +38,80 @@ def snap16(width: int, height: int) -> tuple[int, int]:
     return w, h
 
 
-def to_pil(image) -> Image.Image:
+# Values of float pixel data this far outside [0, 1] are rounding noise, clamped; beyond it the range is
+# ambiguous (0..255? [-1, 1]?) and refused rather than guessed.
+RANGE_TOLERANCE = 1e-3
+_ACCEPTED = ("a PIL image; a tensor or numpy array shaped (H, W), (H, W, C), (C, H, W) or (1, ...) with C in "
+             "1/3/4, holding floats in [0, 1], uint8 (0..255) or uint16 (0..65535)")
+
+
+def _as_unit_float(a: np.ndarray, what: str) -> np.ndarray:
+    """Pixel data -> float32 in [0, 1]: integers are scaled by their type's range, floats must already be."""
+    if a.dtype == np.bool_:
+        return a.astype(np.float32)
+    if a.dtype == np.uint8:
+        return a.astype(np.float32) / 255.0
+    if a.dtype == np.uint16:
+        return a.astype(np.float32) / 65535.0
+    if not np.issubdtype(a.dtype, np.floating):
+        raise InputError(f"{what} has dtype {a.dtype}; expected {_ACCEPTED}")
+    a = a.astype(np.float32)
+    if not np.isfinite(a).all():
+        raise InputError(f"{what} contains NaN or Inf values; expected pixel values in [0, 1]")
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if lo < -RANGE_TOLERANCE or hi > 1.0 + RANGE_TOLERANCE:
+        raise InputError(f"{what} holds floats in [{lo:.3g}, {hi:.3g}]; expected [0, 1]. For 0..255 data pass "
+                         "uint8 values (or divide by 255); for [-1, 1] data pass (x + 1) / 2.")
+    return np.clip(a, 0.0, 1.0)
+
+
+def _array_to_pil(a: np.ndarray, what: str) -> Image.Image:
+    if a.ndim == 4 and a.shape[0] == 1:
+        a = a[0]
+    if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
+        a = np.moveaxis(a, 0, -1)  # CHW -> HWC
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
+        hint = " (a batch: pass its images one by one)" if a.ndim == 4 else ""
+        raise InputError(f"{what} has shape {tuple(a.shape)}{hint}; expected {_ACCEPTED}")
+    if min(a.shape[:2]) < 1:
+        raise InputError(f"{what} is empty: shape {tuple(a.shape)}")
+    u8 = (_as_unit_float(a, what) * 255.0 + 0.5).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(u8))
+
+
+def to_pil(image, what: str = "image") -> Image.Image:
+    """PIL images pass through (16-bit ones scaled to 8 bits); tensors / arrays are converted by dtype:
+    floats must be in [0, 1], uint8 and uint16 are scaled by their range. Anything ambiguous is refused."""
     if isinstance(image, Image.Image):
-        return image
+        return _pil_to_8bit(image, what)
     if isinstance(image, Tensor):
-        t = image.detach().float().cpu()
-        if t.ndim == 4:
-            if t.shape[0] != 1:
-                raise InputError("to_pil takes one image; split batches first")
-            t = t[0]
-        if t.ndim == 3 and t.shape[0] in (1, 3, 4) and t.shape[-1] not in (1, 3, 4):
-            t = t.permute(1, 2, 0)
-        arr = (t.clamp(0, 1).numpy() * 255.0 + 0.5).astype(np.uint8)
-        return Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+        t = image.detach().cpu()
+        if t.dtype == torch.uint16:
+            t = t.to(torch.int32)
+            return _array_to_pil(t.numpy().astype(np.uint16), what)
+        if t.is_floating_point() and t.dtype != torch.float32:
+            t = t.float()
+        return _array_to_pil(t.numpy(), what)
     if isinstance(image, np.ndarray):
-        return Image.fromarray(image)
-    raise InputError(f"expected a PIL image or a tensor, got {type(image).__name__}")
+        return _array_to_pil(image, what)
+    raise InputError(f"{what} is a {type(image).__name__}; expected {_ACCEPTED}")
+
+
+def _pil_to_8bit(img: Image.Image, what: str) -> Image.Image:
+    """16/32-bit integer and float PIL modes: PIL's own convert('RGB') clips them (a 16-bit PNG turns white)."""
+    if img.mode.startswith("I;16"):
+        return _array_to_pil(np.asarray(img).astype(np.uint16), what)
+    if img.mode == "I":  # how Pillow opens 16-bit greyscale PNGs: 32-bit ints holding 0..65535
+        a = np.asarray(img)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise InputError(f"{what} is a 32-bit integer image with values in [{a.min()}, {a.max()}]; expected "
+                             "16-bit data (0..65535). Convert it to 8 or 16 bits first.")
+        return _array_to_pil(a.astype(np.uint16), what)
+    if img.mode == "F":
+        return _array_to_pil(np.asarray(img, dtype=np.float32), what)
+    return img
 
 
 def flatten_alpha(img: Image.Image, background=(255, 255, 255)) -> Image.Image:
@@ -64,10 +123,15 @@ def flatten_alpha(img: Image.Image, background=(255, 255, 255)) -> Image.Image:
     return img.convert("RGB")
 
 
-def fit(img: Image.Image, size: tuple[int, int], mode: str = "stretch", pad_color=(0, 0, 0)) -> Image.Image:
-    """Resize a PIL image to size=(w, h): stretch, crop (cover then centre-crop), or pad (contain then pad)."""
+def check_resize_mode(mode: str) -> str:
     if mode not in RESIZE_MODES:
         raise InputError(f"unknown resize mode '{mode}'; choose one of {', '.join(RESIZE_MODES)}")
+    return mode
+
+
+def fit(img: Image.Image, size: tuple[int, int], mode: str = "stretch", pad_color=(0, 0, 0)) -> Image.Image:
+    """Resize a PIL image to size=(w, h): stretch, crop (cover then centre-crop), or pad (contain then pad)."""
+    check_resize_mode(mode)
     w, h = size
     if img.size == (w, h):
         return img
@@ -105,8 +169,13 @@ def tensor_to_pil(x: Tensor) -> list[Image.Image]:
     return [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in x]
 
 
-def prepare_image(image, mode: str = "stretch", size: tuple[int, int] | None = None) -> Tensor:
-    """PIL / tensor in [0, 1] -> (1, 3, H, W) in [-1, 1] at `size` or the size `mode` picks."""
-    img = flatten_alpha(to_pil(image))
+def prepare_image(image, mode: str = "stretch", size: tuple[int, int] | None = None,
+                  what: str = "image") -> Tensor:
+    """PIL / tensor in [0, 1] -> (1, 3, H, W) in [-1, 1] at `size` or the size `mode` picks (within the
+    engine's pixel limit: 'keep' on a huge image is refused before anything large is allocated)."""
+    check_resize_mode(mode)
+    img = flatten_alpha(to_pil(image, what))
     size = size or target_size(*img.size, mode)
+    check_size(*size, what=f"{what} ({img.size[0]}x{img.size[1]}, resize '{mode}') working size",
+               hint="; resize it with 'stretch' (Kontext's own sizes) or downscale it first")
     return pil_to_tensor(fit(img, size, mode))

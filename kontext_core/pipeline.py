@@ -17,6 +17,7 @@ from PIL import Image
 from torch import Tensor
 
 from . import images as im
+from . import validation as val
 from .errors import InputError
 from .model.flux import Flux
 from .sampling.schedule import flux_sigmas
@@ -45,7 +46,7 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 def make_noise(shape: Sequence[int], seed: int) -> Tensor:
     """Gaussian noise from a CPU generator: the same seed gives the same image on every device."""
-    g = torch.Generator("cpu").manual_seed(int(seed))
+    g = torch.Generator("cpu").manual_seed(val.check_seed(seed))
     return torch.randn(tuple(shape), generator=g, dtype=torch.float32)
 
 
@@ -53,12 +54,15 @@ def encode_images(ae, images: Sequence, mode: str = "stretch", size: tuple[int, 
                   device=None, dtype=None) -> list[Tensor]:
     """Context images -> latents (each at its own Kontext bucket unless `size` is given)."""
     out = []
-    for img in images:
-        x = im.prepare_image(img, mode, size)
+    for i, img in enumerate(images):
+        x = im.prepare_image(img, mode, size, what=f"context image {i + 1}")
         p = next(ae.parameters())
         x = x.to(device=device or p.device, dtype=dtype or p.dtype)
         with torch.no_grad():
-            out.append(ae.encode(x).float())
+            z = ae.encode(x).float()
+        val.check_finite_result(z, f"encoding context image {i + 1}", "autoencoder", getattr(ae, "source", None),
+                                x.dtype)
+        out.append(z)
     return out
 
 
@@ -93,10 +97,15 @@ def sample(transformer: Flux, *, prompt_embeds: Tensor, pooled_prompt_embeds: Te
     """Latent-space sampling. Returns (latent (B,16,h,w) float32, sigmas used)."""
     device = torch.device(device) if device is not None else model_device(transformer)
     dtype = dtype or default_dtype(device)
-    if prompt_embeds.ndim != 3 or pooled_prompt_embeds.ndim != 2:
-        raise InputError(f"prompt_embeds must be (B, L, C) and pooled_prompt_embeds (B, P); got "
-                         f"{tuple(prompt_embeds.shape)} and {tuple(pooled_prompt_embeds.shape)}")
-    refs = [r.to(device=device, dtype=dtype) for r in references]
+    ctx_dim, pooled_dim = val.model_text_dims(transformer)
+    val.check_text_embeddings(prompt_embeds, pooled_prompt_embeds, ctx_dim, pooled_dim, "prompt")
+    guidance, true_cfg = val.check_guidance(guidance), val.check_true_cfg(true_cfg)
+    get_solver(solver)
+    refs = [val.check_latent(r, f"context latent {i + 1}") for i, r in enumerate(references)]
+    if noise is not None:
+        val.check_latent(noise, "noise")
+    if init_latent is not None:
+        val.check_latent(init_latent, "init latent")
     if size_latent is None:
         if noise is not None:
             size_latent = tuple(noise.shape[-2:])
@@ -106,28 +115,43 @@ def sample(transformer: Flux, *, prompt_embeds: Tensor, pooled_prompt_embeds: Te
             size_latent = tuple(refs[0].shape[-2:])
         else:
             raise InputError("no output size: give size, noise, an init latent, or at least one context image")
-    h, w = size_latent
-    batch = max(prompt_embeds.shape[0], 1 if noise is None else noise.shape[0])
+    h, w = val.check_latent_size(*size_latent)
+    batch = val.check_batch_size(max(prompt_embeds.shape[0], 1 if noise is None else noise.shape[0]))
+    val.check_batch(prompt_embeds.shape[0], batch, "the prompt")
+    if noise is not None and noise.shape[0] != batch:
+        raise InputError(f"mismatched sizes: noise has batch {noise.shape[0]} but the prompt has batch {batch}; "
+                         "give one noise per prompt")
+    for i, r in enumerate(refs):
+        val.check_batch(r.shape[0], batch, f"context latent {i + 1}")
     if noise is None:
-        noise = make_noise((batch, 16, h, w), seed)
+        noise = make_noise((batch, val.LATENT_CHANNELS, h, w), seed)
     if tuple(noise.shape[-2:]) != (h, w):
-        raise InputError(f"noise has latent size {tuple(noise.shape[-2:])}, expected {(h, w)}")
+        raise InputError(f"mismatched sizes: noise has latent size {tuple(noise.shape[-2:])}, expected {(h, w)}")
     n_target = (-(-h // 2)) * (-(-w // 2))
     if sigmas is None:
         sigmas = flux_sigmas(steps, n_target, shift=shift, denoise=denoise)
+    else:
+        val.check_denoise(denoise)
+        val.check_sigmas(sigmas)
     x = noise.to(device=device, dtype=torch.float32)
     if float(sigmas[0]) < 1.0:
         if init_latent is None:
             raise InputError(f"denoise={denoise} starts from a partly noised input: pass init_latent")
         if tuple(init_latent.shape[-2:]) != (h, w):
-            raise InputError(f"init latent has size {tuple(init_latent.shape[-2:])}, output is {(h, w)}")
+            raise InputError(f"mismatched sizes: init latent has size {tuple(init_latent.shape[-2:])}, output is "
+                             f"{(h, w)}")
+        val.check_batch(init_latent.shape[0], batch, "the init latent")
         s0 = float(sigmas[0])
         x = s0 * x + (1.0 - s0) * init_latent.to(device=device, dtype=torch.float32)
     negative = None
     if true_cfg != 1.0:
         if negative_prompt_embeds is None or negative_pooled_prompt_embeds is None:
             raise InputError("true_cfg != 1 needs negative_prompt_embeds and negative_pooled_prompt_embeds")
+        val.check_text_embeddings(negative_prompt_embeds, negative_pooled_prompt_embeds, ctx_dim, pooled_dim,
+                                  "negative prompt")
+        val.check_batch(negative_prompt_embeds.shape[0], batch, "the negative prompt")
         negative = (negative_prompt_embeds.to(device, dtype), negative_pooled_prompt_embeds.to(device, dtype))
+    refs = [r.to(device=device, dtype=dtype) for r in refs]
     velocity_dtype = make_velocity(transformer, prompt_embeds.to(device, dtype), pooled_prompt_embeds.to(device, dtype),
                                    guidance, refs, layout, negative, true_cfg)
 
@@ -135,9 +159,17 @@ def sample(transformer: Flux, *, prompt_embeds: Tensor, pooled_prompt_embeds: Te
         # The state is integrated in fp32; the DiT runs in the compute dtype.
         return velocity_dtype(xf.to(dtype), t).float()
 
+    source = getattr(transformer, "source", None)
     n_steps = len(sigmas) - 1
-    step_cb = None if callback is None else (lambda i, xi, x0: callback(i, n_steps, xi, x0))
+
+    def step_cb(i: int, xi: Tensor, x0: Tensor) -> None:
+        if i == 0:  # one cheap check after the first model call: NaN weights show up here, not as a black PNG
+            val.check_finite_result(x0, "at the first step", "transformer", source, dtype)
+        if callback is not None:
+            callback(i, n_steps, xi, x0)
+
     x = get_solver(solver)(velocity, x, sigmas, step_cb)
+    val.check_finite_result(x, f"after {n_steps} steps", "transformer", source, dtype)
     return x, sigmas
 
 
@@ -173,6 +205,13 @@ def edit(transformer: Flux, ae=None, *, images: Sequence = (), latents: Sequence
     Other keyword arguments go to `sample` (steps, guidance, seed, noise, layout, solver, denoise, init_latent,
     negative_*, true_cfg, device, dtype, callback).
     """
+    im.check_resize_mode(resize)
+    size_latent = None
+    if size is not None:
+        if not isinstance(size, (tuple, list)) or len(size) != 2:
+            raise InputError(f"size must be (width, height) in pixels, got {size!r}")
+        w, h = im.snap16(*val.check_size(*size))
+        size_latent = (h // 8, w // 8)
     refs: list[Tensor] = []
     if images:
         if ae is None:
@@ -180,11 +219,7 @@ def edit(transformer: Flux, ae=None, *, images: Sequence = (), latents: Sequence
         refs += encode_images(ae, images, resize)
     if paste_back and not decode:
         raise InputError("paste_back works on the decoded picture; it needs decode=True")
-    refs += [r if r.ndim == 4 else r.unsqueeze(0) for r in latents]
-    size_latent = None
-    if size is not None:
-        w, h = im.snap16(*size)
-        size_latent = (h // 8, w // 8)
+    refs += [r if not isinstance(r, Tensor) or r.ndim != 3 else r.unsqueeze(0) for r in latents]
     x, sigmas = sample(transformer, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
                        references=refs, size_latent=size_latent, **sample_kwargs)
     result = EditResult(latent=x, sigmas=sigmas)
@@ -193,6 +228,7 @@ def edit(transformer: Flux, ae=None, *, images: Sequence = (), latents: Sequence
             raise InputError("decoding needs the autoencoder (ae); pass decode=False for latents only")
         p = next(ae.parameters())
         pixels = decode_latent(ae, x.to(device=p.device, dtype=p.dtype), ae_budget_bytes).float()
+        val.check_finite_result(pixels, "decoding the result", "autoencoder", getattr(ae, "source", None), p.dtype)
         if paste_back:
             pixels, result.changed = _paste_back(ae, images, resize, refs, x, pixels, paste_back)
         result.pixels = pixels

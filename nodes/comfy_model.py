@@ -163,6 +163,7 @@ def load_transformer_model(source, weight_dtype: str = "default", *, operations=
     model = config.get_model({}, device=torch.device("meta"))
     dit = model.diffusion_model
     dit.requires_grad_(False)
+    dit.source = prep.source  # named by the engine's errors about the weights (e.g. NaN results)
 
     sd = {}
     for k, t in tensors.items():

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from kontext_core import images as im
+from kontext_core import validation as val
 from kontext_core.errors import InputError
 from kontext_core.model.flux import FluxParams
 from kontext_core.sampling import SOLVERS
@@ -25,7 +26,7 @@ from kontext_core.tokens import REFERENCE_LAYOUTS
 from kontext_core.weights.loader import Checkpoint, read_transformer, resolve_params, validate_checkpoint
 
 NODE_PREFIX = "KontextNative"
-LATENT_CHANNELS = 16
+LATENT_CHANNELS = val.LATENT_CHANNELS
 
 # ---------------------------------------------------------------------------------------------------- options
 
@@ -73,21 +74,13 @@ def check_bucket_mode(mode: str) -> str:
 # ---------------------------------------------------------------------------------------------------- latents
 
 def check_latent(latent, what: str = "latent") -> Tensor:
-    """A FLUX latent (B, 16, h, w) in raw autoencoder space (what ComfyUI's VAEEncode produces)."""
+    """A FLUX latent (B, 16, h, w) in raw autoencoder space (what ComfyUI's VAEEncode produces); a ComfyUI
+    LATENT dict is unwrapped here, the tensor is checked by the engine."""
     if isinstance(latent, dict):
         if "samples" not in latent:
             raise InputError(f"{what} is a dict without 'samples'; expected a ComfyUI LATENT")
         latent = latent["samples"]
-    if not isinstance(latent, Tensor):
-        raise InputError(f"{what} must be a tensor, got {type(latent).__name__}")
-    if latent.ndim != 4:
-        raise InputError(f"{what} has shape {tuple(latent.shape)}; expected an image latent (B, 16, H/8, W/8)")
-    if latent.shape[1] != LATENT_CHANNELS:
-        raise InputError(f"{what} has {latent.shape[1]} channels; FLUX.1 Kontext latents have 16. Encode images "
-                         "with the FLUX autoencoder (ae.safetensors), not an SD1.x/SDXL VAE.")
-    if latent.shape[0] < 1 or latent.shape[2] < 1 or latent.shape[3] < 1:
-        raise InputError(f"{what} is empty: shape {tuple(latent.shape)}")
-    return latent
+    return val.check_latent(latent, what)
 
 
 def output_latent_size(references: Sequence[Tensor], latent: Tensor | None = None, width: int = 0,
@@ -97,7 +90,8 @@ def output_latent_size(references: Sequence[Tensor], latent: Tensor | None = Non
     An input latent decides (and must agree with width/height when those are set); else width x height in
     pixels; else the first reference's size (so the edit comes out at the input's size).
     """
-    width, height, batch_size = int(width), int(height), int(batch_size)
+    width, height = val.check_int(width, "width"), val.check_int(height, "height")
+    batch_size = val.check_batch_size(batch_size, "batch_size")
     if width < 0 or height < 0:
         raise InputError(f"width and height must be >= 0 (0 = automatic), got {width}x{height}")
     if (width == 0) != (height == 0):
@@ -105,20 +99,22 @@ def output_latent_size(references: Sequence[Tensor], latent: Tensor | None = Non
                          f"(got {width}x{height})")
     if width % 8 or height % 8:
         raise InputError(f"width and height must be multiples of 8 (16 is best), got {width}x{height}")
-    if batch_size < 1:
-        raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    if width:
+        val.check_size(width, height, "width x height", hint=" (0 = the first reference's size)")
     if latent is not None:
         lat = check_latent(latent, "input latent")
         b, _, h, w = lat.shape
         if width and (w * 8, h * 8) != (width, height):
             raise InputError(f"mismatched sizes: the input latent is {w * 8}x{h * 8} pixels but width x height is "
                              f"{width}x{height}; set width and height to 0 to use the latent's size")
+        val.check_batch_size(b, "input latent batch")
+        val.check_latent_size(h, w, "input latent")
         return b, h, w
     if width:
         return batch_size, height // 8, width // 8
     if references:
         ref = check_latent(references[0], "first reference")
-        return batch_size, ref.shape[-2], ref.shape[-1]
+        return (batch_size, *val.check_latent_size(ref.shape[-2], ref.shape[-1], "first reference"))
     raise InputError("no output size: add a reference image (Kontext Reference node), connect a latent, or set "
                      "width and height")
 
@@ -190,35 +186,21 @@ def prompt_parts(cond, what: str = "positive") -> PromptParts:
 
 
 def check_text_dims(parts: PromptParts, context_dim: int, pooled_dim: int, what: str = "positive") -> None:
-    if parts.context.shape[-1] != context_dim:
-        raise InputError(f"{what} conditioning has text embeddings of width {parts.context.shape[-1]}, but the "
-                         f"model expects {context_dim} (T5-XXL for FLUX). Encode with DualCLIPLoader type flux.")
-    if parts.pooled.shape[-1] != pooled_dim:
-        raise InputError(f"{what} conditioning has a pooled output of width {parts.pooled.shape[-1]}, but the "
-                         f"model expects {pooled_dim} (CLIP-L for FLUX). Encode with DualCLIPLoader type flux.")
-    if parts.pooled.shape[0] != parts.context.shape[0]:
-        raise InputError(f"{what} conditioning: embeddings batch {parts.context.shape[0]} and pooled batch "
-                         f"{parts.pooled.shape[0]} differ")
+    val.check_text_embeddings(parts.context, parts.pooled, context_dim, pooled_dim, f"{what} conditioning")
 
 
 def check_batches(parts: PromptParts, batch: int, what: str = "positive") -> None:
-    if parts.context.shape[0] not in (1, batch):
-        raise InputError(f"{what} conditioning has batch {parts.context.shape[0]} but {batch} images are sampled; "
-                         "use one prompt, or as many prompts as images")
+    val.check_batch(parts.context.shape[0], batch, f"{what} conditioning")
     for i, r in enumerate(parts.references):
-        if r.shape[0] not in (1, batch):
-            raise InputError(f"mismatched sizes: {what} reference {i + 1} has batch {r.shape[0]} but {batch} "
-                             "images are sampled; use a single reference image or one per output")
+        val.check_batch(r.shape[0], batch, f"{what} reference {i + 1}")
 
 
 def check_sampler_options(steps: int, denoise: float, true_cfg: float, has_negative: bool, solver: str,
-                          schedule: str, schedules: Sequence[str]) -> None:
-    if int(steps) < 1:
-        raise InputError(f"steps must be >= 1, got {steps}")
-    if not 0.0 < float(denoise) <= 1.0:
-        raise InputError(f"denoise must be in (0, 1], got {denoise}")
-    if float(true_cfg) < 0:
-        raise InputError(f"true_cfg must be >= 0, got {true_cfg}")
+                          schedule: str, schedules: Sequence[str], guidance: float = 2.5, seed: int = 0) -> None:
+    val.schedule_length(steps, denoise)  # steps, denoise and the full schedule a partial denoise implies
+    val.check_true_cfg(true_cfg)
+    val.check_guidance(guidance)
+    val.check_seed(seed)
     if float(true_cfg) != 1.0 and not has_negative:
         raise InputError(f"true_cfg={true_cfg} needs a negative conditioning; connect one or set true_cfg to 1")
     check_choice(solver, SOLVER_NAMES, "solver")
@@ -244,9 +226,7 @@ def conditioning_to_embeddings(cond) -> tuple[Tensor, Tensor, float | None, list
 
 
 def embeddings_to_conditioning(context: Tensor, pooled: Tensor, guidance: float | None = None) -> list:
-    if context.ndim != 3 or pooled.ndim != 2 or context.shape[0] != pooled.shape[0]:
-        raise InputError(f"embeddings must be (B, L, C) and pooled (B, P) with the same B; got "
-                         f"{tuple(context.shape)} and {tuple(pooled.shape)}")
+    val.check_text_embeddings(context, pooled, what="conditioning")
     opts = {"pooled_output": pooled}
     if guidance is not None:
         opts["guidance"] = float(guidance)

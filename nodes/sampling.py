@@ -21,6 +21,7 @@ import comfy.samplers
 import latent_preview
 
 from kontext_core import pipeline
+from kontext_core import validation as val
 from kontext_core.sampling import flux_sigmas
 
 from . import logic
@@ -39,6 +40,9 @@ class ComfyTransformer:
     def __init__(self, diffusion_model, transformer_options: dict):
         self.diffusion_model = diffusion_model
         self.transformer_options = transformer_options
+        # What the engine validates against and names in errors (core's Flux has params but no source).
+        self.params = getattr(diffusion_model, "params", None)
+        self.source = getattr(diffusion_model, "source", None)
 
     def forward_latent(self, x, timestep, context, y, guidance=None, references=(), layout="offset"):
         refs = list(references)
@@ -62,7 +66,7 @@ def sigmas_for(patcher, schedule: str, steps: int, denoise: float, n_target_toke
     if schedule in logic.ENGINE_SCHEDULES:
         return flux_sigmas(steps, n_target_tokens, shift=(schedule == "kontext"), denoise=denoise)
     ms = patcher.get_model_object("model_sampling")
-    total = steps if denoise >= 1.0 else max(steps, int(steps / denoise))
+    total = val.schedule_length(steps, denoise)  # bounded: a tiny denoise must not build a huge schedule
     return comfy.samplers.calculate_sigmas(ms, schedule, total)[-(steps + 1):].float().cpu()
 
 
@@ -74,7 +78,8 @@ def run_sampler(patcher, positive, *, seed: int, steps: int, guidance: float, so
     logic.check_sampler_model(isinstance(base, comfy.model_base.Flux), getattr(fmt, "latent_channels", None),
                               logic.describe_model(base))
     use_cfg = float(true_cfg) != 1.0
-    logic.check_sampler_options(steps, denoise, true_cfg, negative is not None, solver, scheduler, schedule_names())
+    logic.check_sampler_options(steps, denoise, true_cfg, negative is not None, solver, scheduler, schedule_names(),
+                                guidance, seed)
     if float(denoise) < 1.0 and latent is None:
         raise logic.InputError(f"denoise={denoise} starts from a partly noised image: connect the latent to edit "
                                "(e.g. from VAEEncode), or set denoise to 1")

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
+from ..validation import schedule_length
 
 BASE_TOKENS, MAX_TOKENS = 256, 4096
 BASE_SHIFT, MAX_SHIFT = 0.5, 1.15
@@ -39,14 +40,12 @@ def flux_sigmas(steps: int, n_tokens: int | None, shift: bool = True, denoise: f
     denoise < 1 keeps the last `steps` intervals of a schedule made for round(steps/denoise) steps, so the
     sampler starts from a partly noised input (the usual img2img convention).
     """
-    if steps < 1:
-        raise InputError(f"steps must be >= 1, got {steps}")
-    if not 0.0 < denoise <= 1.0:
-        raise InputError(f"denoise must be in (0, 1], got {denoise}")
-    total = max(steps, int(round(steps / denoise)))
-    t = torch.linspace(1.0, 0.0, total + 1, dtype=torch.float64)
+    total = schedule_length(steps, denoise)
+    # The last steps+1 points of linspace(1, 0, total+1) are k/total for k = steps..0: computed directly, so a
+    # tiny denoise never materialises the full schedule.
+    t = torch.arange(steps, -1, -1, dtype=torch.float64) / total
     if shift:
         if n_tokens is None:
             raise InputError("the shifted schedule needs the number of target tokens")
         t = time_shift(mu_for_tokens(n_tokens), t)
-    return t[-(steps + 1):].float()
+    return t.float()

@@ -180,6 +180,34 @@ def infer_ae_params(sd: Mapping[str, torch.Tensor], *, source: str = "state dict
                              num_res_blocks=num_res_blocks, z_channels=z_channels)
 
 
+# --- what the Kontext sampler can use --------------------------------------------------------------------------
+
+FLUX_Z_CHANNELS = 16
+
+
+def check_ae_tensors(sd: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse SD-style VAEs (quant convs) and zero-size or integer tensors before the architecture is inferred."""
+    quant = [k for k in sd if k.startswith(("quant_conv.", "post_quant_conv."))]
+    if quant:
+        raise CheckpointError(f"{source}: has {', '.join(sorted(quant))}: this is an SD-style VAE with quant "
+                              f"convs, not the FLUX autoencoder. {_EXPECTED}")
+    for k, t in sd.items():
+        if 0 in t.shape:
+            raise CheckpointError(f"{source}: tensor '{k}' has zero size {list(t.shape)}; the file is corrupt. "
+                                  "Download it again.")
+        if not t.is_floating_point():
+            raise CheckpointError(f"{source}: tensor '{k}' has dtype {t.dtype}, expected a float type; the file is "
+                                  "corrupt or not an autoencoder.")
+
+
+def check_flux_ae(params: AutoEncoderParams, source: str) -> None:
+    """Any KL autoencoder with 16 latent channels (FLUX's), whatever its width; SD-family VAEs have 4."""
+    if params.z_channels != FLUX_Z_CHANNELS:
+        family = " (an SD 1.x/2.x/XL-style VAE)" if params.z_channels == 4 else ""
+        raise CheckpointError(f"{source}: this autoencoder has {params.z_channels} latent channels{family}; "
+                              f"FLUX.1 Kontext latents have {FLUX_Z_CHANNELS}. {_EXPECTED}")
+
+
 # --- loading -----------------------------------------------------------------------------------------------
 
 def _read_source(src) -> tuple[dict[str, torch.Tensor], str, dict]:
@@ -224,15 +252,13 @@ def load_autoencoder(src, *, dtype: torch.dtype | None = None, device="cpu",
             key = f"{part}.mid.attn_1.{name}.weight"
             if key in sd:
                 sd[key] = _as_conv1x1(sd[key])
-    quant = [k for k in sd if k.startswith(("quant_conv.", "post_quant_conv."))]
-    if quant:
-        raise CheckpointError(f"{source}: has {', '.join(sorted(quant))}: this is an SD-style VAE with quant "
-                              f"convs, not the FLUX autoencoder. {_EXPECTED}")
+    check_ae_tensors(sd, source)
     if params is None:
         params = infer_ae_params(sd, source=source)
         if "scaling_factor" in config and "shift_factor" in config and config["shift_factor"] is not None:
             params.scale_factor = float(config["scaling_factor"])
             params.shift_factor = float(config["shift_factor"])
+    check_flux_ae(params, source)
 
     ae = AutoEncoder(params, device="meta")
     expected = {k: tuple(v.shape) for k, v in ae.state_dict().items()}
@@ -247,6 +273,7 @@ def load_autoencoder(src, *, dtype: torch.dtype | None = None, device="cpu",
         if not sd[k].is_floating_point():
             raise CheckpointError(f"{source}: tensor '{k}' has dtype {sd[k].dtype}, expected a float type.")
     ae.load_state_dict(sd, strict=True, assign=True)
+    ae.source = None if isinstance(src, Mapping) else source  # named in errors about the weights (e.g. NaN results)
     if dtype is None:
         dtype = _pick_dtype(sd)
     ae.to(device=device, dtype=dtype)

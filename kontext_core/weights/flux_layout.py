@@ -18,15 +18,55 @@ from ..model.flux import FluxParams
 # Prefixes under which the transformer appears in files people download.
 TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "model.")
 
-# Keys that identify other model types, for a helpful "wrong file" message.
+# Keys that identify other model types, for a helpful "wrong file" message. Diffusion models come first: a full
+# SD checkpoint also bundles a VAE and text encoders, and is a UNet checkpoint, not "an autoencoder".
 _OTHER_MODELS = [
-    ("encoder.conv_in.weight", "an autoencoder (VAE) — load it with the VAE loader"),
-    ("decoder.conv_in.weight", "an autoencoder (VAE) — load it with the VAE loader"),
+    ("input_blocks.0.0.weight", "a Stable Diffusion 1.x/2.x/XL checkpoint (UNet; a bundled VAE or text encoder "
+                                "does not make it a FLUX model), not a FLUX transformer"),
+    ("joint_blocks.0.x_block.attn.qkv.weight", "an SD3 MMDiT, not a FLUX transformer"),
     ("encoder.block.0.layer.0.SelfAttention.q.weight", "a T5 text encoder — load it with a CLIP/text-encoder loader"),
     ("text_model.embeddings.token_embedding.weight", "a CLIP text encoder — load it with a CLIP/text-encoder loader"),
-    ("input_blocks.0.0.weight", "a UNet (Stable Diffusion 1.x/2.x/XL), not a FLUX transformer"),
-    ("joint_blocks.0.x_block.attn.qkv.weight", "an SD3 MMDiT, not a FLUX transformer"),
+    ("encoder.conv_in.weight", "an autoencoder (VAE) — load it with the VAE loader"),
+    ("decoder.conv_in.weight", "an autoencoder (VAE) — load it with the VAE loader"),
 ]
+
+# FLUX.1 family members by the width of img_in: the DiT sees 2x2 patches of latents, so 64 inputs are the
+# 16 latent channels alone; the conditioning variants concatenate more channels to them.
+KONTEXT_IN_CHANNELS = 64
+_FLUX_VARIANTS = {
+    384: "a FLUX.1 Fill (inpainting/outpainting) transformer: img_in takes 384 inputs (latent + masked image + "
+         "mask)",
+    128: "a FLUX.1 Depth or Canny (structural control) transformer: img_in takes 128 inputs (latent + control "
+         "image latent)",
+}
+
+
+def check_flux_family(params: FluxParams, source: str) -> None:
+    """Refuse FLUX-family transformers the Kontext sampler cannot drive: any Flux whose img_in and final layer
+    work on 64 channels (16 latent channels x 2x2) is accepted, whatever its size."""
+    if params.in_channels == KONTEXT_IN_CHANNELS and params.out_channels == KONTEXT_IN_CHANNELS:
+        return
+    what = _FLUX_VARIANTS.get(params.in_channels) or (
+        f"a FLUX-style transformer with {params.in_channels} input and {params.out_channels} output channels")
+    raise CheckpointError(f"{source}: this file is {what}. Expected a FLUX.1 Kontext transformer (img_in and "
+                          f"final_layer on {KONTEXT_IN_CHANNELS} channels = 16 latent channels x 2x2), e.g. "
+                          "flux1-kontext-dev.safetensors; this sampler cannot drive it.")
+
+
+def check_tensor_storage(sd: Mapping[str, Tensor], source: str) -> None:
+    """Every weight non-empty and floating point (or quantized); a zero-size or integer tensor would otherwise
+    divide by zero while the architecture is inferred, or fail inside the first matmul."""
+    for k, t in sd.items():
+        if k == "scaled_fp8":
+            continue  # ComfyUI's (empty) scaled-fp8 marker
+        shape = shape_of(t)
+        if 0 in shape:
+            raise CheckpointError(f"{source}: tensor '{k}' has zero size {list(shape)}; the file is corrupt or "
+                                  "was written incompletely. Download or convert it again.")
+        if type(t) is torch.Tensor and not t.is_floating_point():
+            raise CheckpointError(f"{source}: tensor '{k}' has dtype {str(t.dtype).replace('torch.', '')}; model "
+                                  "weights are floating point (or GGUF-quantized). The file is corrupt or not a "
+                                  "model checkpoint.")
 
 
 def describe_keys(keys, n: int = 5) -> str:

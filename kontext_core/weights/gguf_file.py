@@ -432,7 +432,10 @@ def write_gguf(path: str | os.PathLike, tensors_iter, arch: str = EXPECTED_ARCH,
         shape = tuple(int(s) for s in shape)
         plan.append((name, data, q, shape, nbytes_for(q, shape)))
     tmp = path.with_name(path.name + ".partial")
-    writer = GGUFWriter(tmp, arch)
+    try:
+        writer = GGUFWriter(tmp, arch)
+    except OSError as e:
+        raise _write_error(path, e) from None
     try:
         for k, v in (metadata or {}).items():
             if k == "general.architecture":
@@ -451,11 +454,22 @@ def write_gguf(path: str | os.PathLike, tensors_iter, arch: str = EXPECTED_ARCH,
                 progress(i + 1, len(plan), name)
         writer.close()
         os.replace(tmp, path)
-    except BaseException:
-        writer.close()
+    except BaseException as e:
+        try:
+            writer.close()
+        except Exception:
+            pass
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError):
+            raise _write_error(path, e) from None
         raise
     return path
+
+
+def _write_error(path: Path, e: OSError) -> CheckpointError:
+    """Name the user's output path, not the temporary file it is written through."""
+    return CheckpointError(f"{path}: cannot write the GGUF file ({e.strerror or e}). Check that the folder exists, "
+                           "is writable and has enough free space.")

@@ -21,7 +21,8 @@ from ..errors import CheckpointError
 from ..model.flux import Flux, FluxParams
 from ..model.ops import FP8_DTYPES, CastOps
 from .fp8 import cast_model_weights, parse_weight_dtype, quantize_model_fp8, validate_scaled_fp8
-from .flux_layout import infer_flux_params, key_mismatch, shape_of, to_bfl
+from .flux_layout import (check_flux_family, check_tensor_storage, infer_flux_params, key_mismatch, shape_of,
+                          to_bfl)
 from .safetensors_io import load_state_dict
 
 DIFFUSERS_TRANSFORMER_FILES = ("transformer/diffusion_pytorch_model.safetensors.index.json",
@@ -64,7 +65,15 @@ def diffusers_config_overrides(path: str | os.PathLike) -> dict:
             except (OSError, ValueError) as e:
                 raise CheckpointError(f"{cfg}: not valid JSON ({e}); the diffusers folder is damaged.") from e
             axes = data.get("axes_dims_rope") if isinstance(data, dict) else None
-            return {"axes_dim": tuple(int(a) for a in axes)} if axes else {}
+            if axes is None:
+                return {}
+            ok = isinstance(axes, (list, tuple)) and len(axes) > 0 and all(
+                isinstance(a, (int, float)) and not isinstance(a, bool) and float(a).is_integer() and a > 0
+                for a in axes)
+            if not ok:
+                raise CheckpointError(f"{cfg}: 'axes_dims_rope' is {axes!r}; expected a list of positive integers "
+                                      "(FLUX.1: [16, 56, 56]). Fix or re-download config.json.")
+            return {"axes_dim": tuple(int(a) for a in axes)}
     return {}
 
 
@@ -86,6 +95,7 @@ def read_transformer(src: str | os.PathLike | Mapping[str, Tensor]) -> Checkpoin
         except CheckpointError as e:
             raise CheckpointError(f"{path}: {e}") from None
         return Checkpoint(str(path), "gguf", layout, tensors, dict(g.qtypes), dict(g.metadata), g.file_size)
+    config = diffusers_config_overrides(path)  # a damaged config.json is reported before the weights are read
     raw = load_state_dict(path, prefer=DIFFUSERS_TRANSFORMER_FILES)
     try:
         tensors, layout = to_bfl(raw)
@@ -95,8 +105,7 @@ def read_transformer(src: str | os.PathLike | Mapping[str, Tensor]) -> Checkpoin
         tensors["scaled_fp8"] = raw["scaled_fp8"]  # marker saved at the top level, outside the model prefix
     size = path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*.safetensors"))
     return Checkpoint(str(path), "safetensors", layout, tensors,
-                      {k: str(v.dtype).replace("torch.", "") for k, v in tensors.items()}, {}, size,
-                      diffusers_config_overrides(path))
+                      {k: str(v.dtype).replace("torch.", "") for k, v in tensors.items()}, {}, size, config)
 
 
 def check_shapes(model: nn.Module, sd: Mapping[str, Tensor], source: str) -> None:
@@ -118,11 +127,15 @@ def resolve_params(ckpt: Checkpoint, params: FluxParams | Mapping | None = None)
     """The architecture: explicit FluxParams, else shapes + the folder's config + `params` overrides."""
     if isinstance(params, FluxParams):
         return params
+    check_tensor_storage(ckpt.tensors, ckpt.source)
     return infer_flux_params(ckpt.tensors, {**ckpt.config, **dict(params or {})})
 
 
 def validate_checkpoint(ckpt: Checkpoint, params: FluxParams) -> None:
-    """Every key and shape against the architecture, and scaled-fp8 scales; CheckpointError otherwise."""
+    """The model family, every key, shape and storage type against the architecture, and scaled-fp8 scales;
+    CheckpointError otherwise."""
+    check_flux_family(params, ckpt.source)
+    check_tensor_storage(ckpt.tensors, ckpt.source)
     with torch.device("meta"):
         reference = Flux(params)
     check_shapes(reference, ckpt.tensors, ckpt.source)
@@ -156,6 +169,7 @@ def build_transformer(ckpt: Checkpoint, *, params: FluxParams | Mapping | None =
     validate_checkpoint(ckpt, params)
     with torch.device("meta"):
         model = Flux(params, operations=operations or default_operations(ckpt))
+    model.source = None if ckpt.container == "state_dict" else ckpt.source  # named in errors about the weights (e.g. NaN results)
     sd = dict(ckpt.tensors)
     sd.pop("scaled_fp8", None)
     model.load_state_dict(sd, strict=True, assign=True)

@@ -95,6 +95,10 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
         if dtype not in DTYPES:
             raise CheckpointError(f"{path}: tensor '{name}' has dtype {dtype}, which this loader does not support "
                                   f"(supported: {', '.join(DTYPES)}).")
+        if start < 0 or end < start or any(d < 0 for d in shape):
+            raise CheckpointError(f"{path}: tensor '{name}' has data_offsets [{start}, {end}] and shape {list(shape)}; "
+                                  "offsets must satisfy 0 <= begin <= end and dimensions be >= 0. The file is "
+                                  "corrupt; download it again.")
         info = TensorInfo(name, dtype, shape, base + start, base + end)
         expect = info.numel * torch.empty((), dtype=DTYPES[dtype]).element_size()
         if info.nbytes != expect:
@@ -105,7 +109,20 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
                 f"{path}: file is truncated: tensor '{name}' ends at byte {info.end} but the file has {size} "
                 "bytes. The download was probably interrupted; download it again.")
         infos[name] = info
+    _check_no_overlap(path, infos)
     return infos, metadata
+
+
+def _check_no_overlap(path, infos: dict[str, TensorInfo]) -> None:
+    """Two tensors sharing bytes would alias each other (a write to one changes the other); the safetensors
+    library refuses such headers and so do we. Gaps between tensors are tolerated (harmless padding)."""
+    prev = None
+    for info in sorted((i for i in infos.values() if i.nbytes), key=lambda i: i.start):
+        if prev is not None and info.start < prev.end:
+            raise CheckpointError(f"{path}: tensors '{prev.name}' (bytes {prev.start}-{prev.end}) and '{info.name}' "
+                                  f"(from byte {info.start}) overlap; the header is corrupt or crafted. Download "
+                                  "the file again from its original source.")
+        prev = info
 
 
 class SafetensorsFile:

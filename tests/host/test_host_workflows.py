@@ -56,8 +56,9 @@ def bucket_job() -> dict:
 def vram_plan_job() -> dict:
     api = {"1": {"class_type": "KontextNativeModelLoader", "inputs": {"model_name": A.MODEL_BFL,
                                                                       "weight_dtype": "default"}}}
-    W.add_node(api, "KontextNativeVRAMPlan", {"model": ["1", 0], "vram_gb": 10.0, "width": 512, "height": 512,
-                                              "references": 2, "tflops": 150.0})
+    W.add_node(api, "KontextNativeVRAMPlan", {"model": ["1", 0], "gpu": "RTX 3080", "vram_gb": 9.5, "ram_gb": 16.0,
+                                              "text_encoder": "fp16", "free_text_encoder": False, "width": 512,
+                                              "height": 512, "references": 2})
     return api
 
 
@@ -341,11 +342,12 @@ def test_flux_disable_guidance_runs(driver):
 
 def test_vram_plan_node_reports_the_engine_plan(driver):
     from kontext_core.model.flux import FluxParams
-    from kontext_core.planner import BUDGETS_GB, STORAGES, report
+    from kontext_core.planner import STORAGES, machine, report
     from kontext_core.weights.loader import read_transformer, resolve_params
 
     r = ok(driver, "vram_plan")
     texts = [t for out in r["outputs"].values() for t in out.get("text", [])]
     params = resolve_params(read_transformer(str(driver["base"] / "models" / "diffusion_models" / A.MODEL_BFL)))
     assert isinstance(params, FluxParams)
-    assert texts == [report(params, 512, 512, 2, sorted(set(BUDGETS_GB) | {10.0}), STORAGES)]
+    assert texts == [report(params, machine("RTX 3080", 9.5, 16.0), 512, 512, 2, "fp16", storages=STORAGES)]
+    assert "RTX 3080" in texts[0] and "Recommended:" in texts[0]

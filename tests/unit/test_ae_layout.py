@@ -14,7 +14,7 @@ from kontext_core.weights.ae_layout import (convert_diffusers_vae_to_ldm, detect
                                             load_autoencoder, strip_ae_prefix)
 from kontext_core.weights.safetensors_io import load_state_dict
 
-TINY = AutoEncoderParams(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4)
+TINY = AutoEncoderParams(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=16)
 
 
 def tiny_sd(params=TINY, dtype=torch.float32) -> dict[str, torch.Tensor]:
@@ -69,7 +69,7 @@ def test_any_size_at_least_8(h, w):
     ae = load_autoencoder(tiny_sd())
     with torch.no_grad():
         z = ae.encode(torch.rand(1, 3, h, w) * 2 - 1)
-        assert z.shape == (1, 4, h // 4, w // 4)  # TINY has 3 levels: 4x reduction
+        assert z.shape == (1, 16, h // 4, w // 4)  # TINY has 3 levels: 4x reduction
         img = ae.decode(z)
     assert img.shape == (1, 3, (h // 4) * 4, (w // 4) * 4)
     assert torch.isfinite(img).all()
@@ -159,7 +159,7 @@ def test_load_file_is_zero_copy_and_frozen(tmp_path):
     ae32 = load_autoencoder(path, dtype=torch.float32)
     assert all(p.dtype == torch.float32 for p in ae32.parameters())
     with torch.no_grad():
-        out = ae.decode(torch.randn(1, 4, 3, 5))
+        out = ae.decode(torch.randn(1, 16, 3, 5))
     assert out.dtype == torch.bfloat16 and out.shape == (1, 3, 12, 20)
 
 
@@ -278,5 +278,5 @@ def test_bad_inputs():
         ae.encode(torch.zeros(1, 3, 3, 16))
     with pytest.raises(InputError, match=r"\(B, 3, H, W\)"):
         ae.encode(torch.zeros(1, 4, 16, 16))
-    with pytest.raises(InputError, match=r"\(B, 4, H, W\)"):
-        ae.decode(torch.zeros(1, 16, 4, 4))
+    with pytest.raises(InputError, match=r"\(B, 16, H, W\)"):
+        ae.decode(torch.zeros(1, 4, 4, 4))

@@ -245,7 +245,7 @@ def test_conditioning_cache_round_trip(tmp_path):
     assert torch.equal(back[0][0], c[0][0]) and torch.equal(back[0][1]["pooled_output"], c[0][1]["pooled_output"])
     assert back[0][1]["guidance"] == 2.5
     assert "guidance" not in logic.embeddings_to_conditioning(t5, pooled)[0][1]
-    with pytest.raises(InputError, match="same B"):
+    with pytest.raises(InputError, match="batch 2 but the pooled output has batch 1"):
         logic.embeddings_to_conditioning(torch.randn(2, 8, 32), torch.randn(1, 24))
 
 
