@@ -35,7 +35,7 @@ from kontext_core.model.flux import Flux as EngineFlux
 from kontext_core.model.flux import FluxParams
 from kontext_core.weights.loader import Checkpoint
 
-from . import logic
+from . import logic, model_sources
 
 log = logging.getLogger("kontext_native")
 
@@ -215,6 +215,17 @@ def _folder_roots() -> list[str]:
 def model_file_choices() -> list[str]:
     files = folder_paths.get_filename_list("diffusion_models")
     return logic.model_choices(files, logic.find_diffusers_folders(_folder_roots()))
+
+
+def model_file_problem(name: str) -> str | None:
+    """None when the loader's choice resolves to a file or diffusers folder, else what to do about it."""
+    if name.endswith(("/", "\\")):
+        if logic.resolve_folder_choice(name, _folder_roots()) is not None:
+            return None
+    elif folder_paths.get_full_path("diffusion_models", name) is not None:
+        return None
+    return model_sources.missing_file_message(name, "model", "models/diffusion_models",
+                                              folder_paths.get_folder_paths("diffusion_models"), model_file_choices())
 
 
 def resolve_model_choice(name: str) -> str:

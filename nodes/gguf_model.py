@@ -37,7 +37,7 @@ from kontext_core.errors import InputError
 from kontext_core.quant.ggml_tensor import GGMLTensor
 from kontext_core.quant.gguf_ops import make_gguf_ops, materialize
 
-from . import comfy_model, gguf_logic
+from . import comfy_model, gguf_logic, model_sources
 
 log = logging.getLogger("kontext_native")
 
@@ -204,6 +204,16 @@ class GGUFModelPatcher(comfy.model_patcher.ModelPatcher):
 def gguf_file_choices() -> list[str]:
     comfy_model.register_model_folders()
     return gguf_logic.gguf_choices(folder_paths.get_filename_list(comfy_model.GGUF_FOLDER_KEY))
+
+
+def gguf_file_problem(name: str) -> str | None:
+    """None when the GGUF loader's choice is a file in the GGUF folders, else what to do about it."""
+    comfy_model.register_model_folders()
+    if folder_paths.get_full_path(comfy_model.GGUF_FOLDER_KEY, name) is not None:
+        return None
+    return model_sources.missing_file_message(name, "gguf", "models/diffusion_models (or models/unet)",
+                                              folder_paths.get_folder_paths(comfy_model.GGUF_FOLDER_KEY),
+                                              gguf_file_choices())
 
 
 def resolve_gguf_choice(name: str) -> str:

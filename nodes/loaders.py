@@ -10,7 +10,7 @@ from comfy_api.latest import io
 
 from kontext_core.conditioning import load_embeddings, save_embeddings
 
-from . import comfy_model, gguf_logic, gguf_model, logic
+from . import comfy_model, gguf_logic, gguf_model, logic, model_sources
 
 log = logging.getLogger("kontext_native")
 CATEGORY = "KontextNative"
@@ -40,6 +40,12 @@ class ModelLoader(io.ComfyNode):
             ],
             outputs=[io.Model.Output(tooltip="The Kontext transformer, wrapped for ComfyUI's memory manager.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, model_name) -> bool | str:
+        # ComfyUI 0.3.64 does not check V3 combo values: without this, a missing file surfaces only when the
+        # node runs, as a bare "file not found"
+        return comfy_model.model_file_problem(model_name) or True
 
     @classmethod
     def execute(cls, model_name, weight_dtype="default") -> io.NodeOutput:
@@ -74,6 +80,10 @@ class GGUFLoader(io.ComfyNode):
             outputs=[io.Model.Output(tooltip="The quantized Kontext transformer, wrapped for ComfyUI's memory "
                                              "manager.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, gguf_name) -> bool | str:
+        return gguf_model.gguf_file_problem(gguf_name) or True
 
     @classmethod
     def execute(cls, gguf_name, compute_dtype="default") -> io.NodeOutput:
@@ -134,6 +144,14 @@ class LoadConditioning(io.ComfyNode):
             ],
             outputs=[io.Conditioning.Output(tooltip="The saved prompt as a standard CONDITIONING.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, conditioning_file) -> bool | str:
+        key = comfy_model.CONDITIONING_FOLDER_KEY
+        if folder_paths.get_full_path(key, conditioning_file) is not None:
+            return True
+        return model_sources.missing_conditioning_message(conditioning_file, folder_paths.get_folder_paths(key),
+                                                          folder_paths.get_filename_list(key))
 
     @classmethod
     def fingerprint_inputs(cls, conditioning_file):

@@ -13,20 +13,14 @@ import torch
 from comfy_api.latest import io
 
 from kontext_core import tiny as kt
-from kontext_core.tiny.edits import EDIT_TYPES, HELD_OUT_SEEDS, make_triple
+from kontext_core.tiny.edits import DEFAULT_SCENE, EDIT_TYPES, scene_triple
 from kontext_core.tiny.scene import render
 
 from . import comfy_model
 
 CATEGORY = "KontextNative/Kontext-Tiny"
 TinyTextEncoder = io.Custom("KONTEXT_TINY_TEXT_ENCODER")
-DEFAULT_SCENE_SEED = 3
-DEFAULT_SCENE_EDIT = "recolour"
-
-
-def scene_triple(seed: int, edit_type: str):
-    """The held-out triple the Scene node shows (also what tests score the workflow's output against)."""
-    return make_triple(HELD_OUT_SEEDS.start + 8_000_000 + seed, kind=edit_type)
+DEFAULT_SCENE_SEED, DEFAULT_SCENE_EDIT = DEFAULT_SCENE
 
 
 class TinyLoader(io.ComfyNode):

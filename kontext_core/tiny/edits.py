@@ -20,6 +20,10 @@ TRAIN_SEEDS = range(0, 1_000_000_000)
 HELD_OUT_SEEDS = range(1_000_000_000, 1_100_000_000)
 
 
+SCENE_NODE_SEED_BASE = HELD_OUT_SEEDS.start + 8_000_000
+DEFAULT_SCENE = (3, "recolour")  # what the Kontext-Tiny Scene node and workflow start with
+
+
 @dataclass(frozen=True)
 class Triple:
     seed: int
@@ -187,6 +191,11 @@ def _character(rng, s):
     new = Character(ch.eyes, "cap" if ch.hat == "none" else ch.hat, colour, ch.cell)
     text = rng.choice(_CHAR).format(colour=colour)
     return s, s.replace(character=new), text, {"colour": colour, "eyes": ch.eyes, "hat": new.hat}
+
+
+def scene_triple(seed: int, kind: str) -> "Triple":
+    """The held-out triple the ComfyUI Scene node shows for (seed, edit type); tests score its edits."""
+    return make_triple(SCENE_NODE_SEED_BASE + seed, kind=kind)
 
 
 # What the scene of an edit type must offer (objects are always there; add/move need a free cell).

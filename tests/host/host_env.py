@@ -79,8 +79,9 @@ class ComfyServer:
             except (urllib.error.URLError, ConnectionError, OSError):
                 pass
             if time.time() > deadline:
+                log = self.log()
                 self.stop()
-                raise AssertionError(f"ComfyUI server did not answer within {start_timeout}s:\n{self.log()[-6000:]}")
+                raise AssertionError(f"ComfyUI server did not answer within {start_timeout}s:\n{log[-6000:]}")
             time.sleep(0.5)
 
     def log(self) -> str:

@@ -1,6 +1,6 @@
 """Workflow helpers for the host tests: rewrites for tiny test models, and UI-format checks against /object_info.
 
-The rewrites (documented here, applied to copies of workflows/*.api.json):
+The rewrites (documented here, applied to copies of workflows/api/*.api.json):
 * text encoders: a real T5-XXL + CLIP-L cannot be built in a test, so every DualCLIPLoader is removed and every
   CLIPTextEncode is replaced, under the same node id, by KontextNativeLoadConditioning reading a tiny saved
   conditioning (T5 width 32, pooled 24 = the tiny transformer's context_in_dim / vec_in_dim). Links to the
@@ -14,6 +14,7 @@ The rewrites (documented here, applied to copies of workflows/*.api.json):
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 from pathlib import Path
 
@@ -25,16 +26,29 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 FILE_WIDGETS = {"model_name", "gguf_name", "clip_name1", "clip_name2", "vae_name", "image", "conditioning_file"}
 
 
+def builder():
+    """workflows/build_workflows.py as a module: the graphs, their file paths, the layout constants."""
+    spec = importlib.util.spec_from_file_location("build_workflows", WORKFLOWS / "build_workflows.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def graphs() -> dict:
+    """Short name (the API file's) -> Graph, for every shipped workflow."""
+    return {g.name: g for g in (build() for build in builder().WORKFLOWS)}
+
+
 def workflow_names() -> list[str]:
-    return sorted(p.name[:-len(".api.json")] for p in WORKFLOWS.glob("*.api.json"))
+    return sorted(p.name[:-len(".api.json")] for p in (WORKFLOWS / "api").glob("*.api.json"))
 
 
 def load_api(name: str) -> dict:
-    return json.loads((WORKFLOWS / f"{name}.api.json").read_text())
+    return json.loads((WORKFLOWS / "api" / f"{name}.api.json").read_text())
 
 
 def load_ui(name: str) -> dict:
-    return json.loads((WORKFLOWS / f"{name}.json").read_text())
+    return json.loads(builder().ui_path(graphs()[name]).read_text())
 
 
 def _relink(api: dict, old: tuple[str, int], new) -> None:
@@ -97,6 +111,16 @@ def use_gguf(api: dict, gguf_name: str, compute_dtype: str = "default") -> dict:
 
 def for_tiny_models(api: dict, model_name: str, cond_files: list[str], gguf_name: str | None = None) -> dict:
     return set_model(use_fast_images(use_tiny_text(api, cond_files)), model_name, gguf_name=gguf_name)
+
+
+def set_images(api: dict, by_title: dict[str, str]) -> dict:
+    """LoadImage nodes, found by their title, read other images (the shipped ones all start on example.png)."""
+    api = copy.deepcopy(api)
+    for title, image in by_title.items():
+        found = [n for n in api.values() if n["class_type"] == "LoadImage" and n["_meta"]["title"] == title]
+        assert len(found) == 1, f"no single LoadImage titled {title!r}"
+        found[0]["inputs"]["image"] = image
+    return api
 
 
 def add_node(api: dict, class_type: str, inputs: dict) -> str:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import urllib.error
+
 import pytest
 from PIL import Image
 
@@ -69,3 +72,31 @@ def test_prompt_over_http(server, host_assets):
     assert len(images) == 1
     with Image.open(host_assets.base / "output" / images[0]["subfolder"] / images[0]["filename"]) as im:
         assert im.size == A.IMAGES["example.png"]
+
+
+def _rejected(server, prompt: dict) -> dict:
+    try:
+        server.post("/prompt", {"prompt": prompt, "client_id": "kontext-native-host-test"})
+    except urllib.error.HTTPError as e:
+        assert e.code == 400
+        return json.loads(e.read().decode())
+    raise AssertionError("the prompt was accepted")
+
+
+@pytest.mark.parametrize("loader,name,folder,source", [
+    ("KontextNativeModelLoader", "flux1-dev-kontext_fp8_scaled.safetensors", "models/diffusion_models",
+     "https://huggingface.co/Comfy-Org/flux1-kontext-dev_ComfyUI/resolve/main/"),
+    ("KontextNativeGGUFLoader", "flux1-kontext-dev-Q4_K_M.gguf", "models/diffusion_models (or models/unet)",
+     "https://huggingface.co/QuantStack/FLUX.1-Kontext-dev-GGUF"),
+])
+def test_missing_model_file_is_named_at_validation(server, host_assets, loader, name, folder, source):
+    """ComfyUI 0.3.64 does not check V3 combo values; the loaders' validate_inputs must, before anything runs."""
+    api = W.for_tiny_models(W.load_api("single_edit"), A.MODEL_BFL, A.COND_FILES)
+    if loader == "KontextNativeGGUFLoader":
+        api = W.use_gguf(api, name)
+    else:
+        api = W.set_model(api, name)
+    err = _rejected(server, api)
+    details = [e["details"] for e in err["node_errors"][W.find(api, loader)[0]]["errors"]]
+    assert len(details) == 1 and f"'{name}' was not found in {folder}" in details[0], details
+    assert source in details[0] and str(host_assets.models / "diffusion_models") in details[0]

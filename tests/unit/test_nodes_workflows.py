@@ -12,7 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 WF = ROOT / "workflows"
-NAMES = sorted(p.name[:-len(".api.json")] for p in WF.glob("*.api.json"))
+API = WF / "api"
+NAMES = sorted(p.name[:-len(".api.json")] for p in API.glob("*.api.json"))
 OUR_NODES = {"KontextNativeModelLoader", "KontextNativeImageBucket", "KontextNativeReferenceEncoder",
              "KontextNativeSampler", "KontextNativeSaveConditioning", "KontextNativeLoadConditioning",
              "KontextNativeGGUFLoader", "KontextNativeVRAMPlan"}
@@ -25,25 +26,108 @@ def _builder():
     return mod
 
 
+def _graphs() -> dict:
+    return {g.name: g for g in (build() for build in _builder().WORKFLOWS)}
+
+
+def _ui(name: str) -> dict:
+    b = _builder()
+    return json.loads(b.ui_path(_graphs()[name]).read_text())
+
+
+def _api(name: str) -> dict:
+    return json.loads((API / f"{name}.api.json").read_text())
+
+
 def test_expected_workflows_exist():
     assert NAMES == sorted(["single_edit", "edit_chain_3_turns", "two_reference_composition", "text_replacement",
                             "kontext_official_basic", "low_vram_gguf_chain"])
-    for n in NAMES:
-        assert (WF / f"{n}.json").is_file()
+    for g in _graphs().values():
+        assert _builder().ui_path(g).is_file()
+
+
+def test_served_folder_holds_only_ui_workflows_and_their_thumbnails():
+    """ComfyUI lists every top-level *.json of workflows/ as a template and serves that folder (the first of
+    example_workflows, example, examples, workflow, workflows that exists), so: no folder before it, no API file
+    or other JSON at its top level, a .jpg thumbnail beside each UI file."""
+    assert not [d for d in ("example_workflows", "example", "examples", "workflow") if (ROOT / d).exists()]
+    b = _builder()
+    uis = {b.ui_path(g).name for g in _graphs().values()}
+    assert {p.name for p in WF.glob("*.json")} == uis
+    for g in _graphs().values():
+        thumb = b.thumbnail_path(g)
+        assert thumb.is_file(), f"no thumbnail {thumb.name}: render it with tests/host/frontend.py"
+        data = thumb.read_bytes()
+        assert data[:3] == b"\xff\xd8\xff" and len(data) < 60_000, f"{thumb.name}: not a small JPEG"
 
 
 def test_files_are_what_the_builder_writes():
     b = _builder()
-    for build in b.WORKFLOWS:
-        g = build()
-        assert json.loads((WF / f"{g.name}.json").read_text()) == g.ui(), f"{g.name}.json is stale: rerun the builder"
-        assert json.loads((WF / f"{g.name}.api.json").read_text()) == g.api(), f"{g.name}.api.json is stale"
+    for g in _graphs().values():
+        assert json.loads(b.ui_path(g).read_text()) == g.ui(), f"{g.title}.json is stale: rerun the builder"
+        assert json.loads(b.api_path(g).read_text()) == g.api(), f"{g.name}.api.json is stale"
+
+
+def boxes(ui: dict, title_h: int) -> list[tuple[int, float, float, float, float]]:
+    """(id, x0, y0, x1, y1) of each node as the frontend draws it: the title bar sits above pos."""
+    return [(n["id"], n["pos"][0], n["pos"][1] - title_h, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+            for n in ui["nodes"]]
+
+
+def overlaps(bs) -> list[tuple[int, int]]:
+    return [(a[0], b[0]) for i, a in enumerate(bs) for b in bs[i + 1:]
+            if a[1] < b[3] and b[1] < a[3] and a[2] < b[4] and b[2] < a[4]]
+
+
+def test_overlap_check_sees_title_bars():
+    ui = {"nodes": [{"id": 1, "pos": [0, 30], "size": [100, 50]}, {"id": 2, "pos": [50, 100], "size": [100, 50]}]}
+    assert overlaps(boxes(ui, 0)) == [] and overlaps(boxes(ui, 30)) == [(1, 2)]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_no_two_node_boxes_overlap(name):
+    b = _builder()
+    ui = _ui(name)
+    assert overlaps(boxes(ui, b.TITLE_H)) == []
+    for n in ui["nodes"]:  # the frontend enlarges smaller nodes on load, which is how overlaps appeared
+        min_w, min_h = b.MIN_SIZES[n["type"]]
+        assert n["size"][0] >= min_w and n["size"][1] >= min_h, (n["type"], n["size"])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_loaders_name_their_downloads(name):
+    from nodes import model_sources
+
+    b = _builder()
+    for n in _ui(name)["nodes"]:
+        files = [v for w, v in zip(b.SPECS[n["type"]][2], n["widgets_values"]) if w in b.FILE_WIDGETS.get(n["type"], [])]
+        if not files:
+            continue
+        models = n["properties"].get("models", [])
+        assert {m["name"] for m in models} == {f for f in files if model_sources.SOURCES[f]["url"]}
+        for m in models:
+            assert m == {"name": m["name"], "url": model_sources.SOURCES[m["name"]]["url"],
+                         "directory": model_sources.SOURCES[m["name"]]["directory"]}
+    note = next(n for n in _ui(name)["nodes"] if n["type"] == "Note")["widgets_values"][0]
+    for n in _api(name).values():  # the Note says where every file comes from
+        for w in b.FILE_WIDGETS.get(n["class_type"], []):
+            assert n["inputs"][w] in note and model_sources.SOURCES[n["inputs"][w]]["page"] in note
+
+
+def test_api_titles_are_what_the_frontend_shows():
+    b = _builder()
+    for name in NAMES:
+        api = _api(name)
+        for n in _ui(name)["nodes"]:
+            if n["type"] != "Note":
+                assert api[str(n["id"])]["_meta"]["title"] == n.get("title", b.DISPLAY_NAMES[n["type"]])
+    assert _api("single_edit")["2"]["_meta"]["title"] == "Load Kontext Model (native)"
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_workflow_content(name):
-    ui = json.loads((WF / f"{name}.json").read_text())
-    api = json.loads((WF / f"{name}.api.json").read_text())
+    ui = _ui(name)
+    api = _api(name)
     text = json.dumps(ui) + json.dumps(api)
     assert not re.search(r"(/home/|/Users/|/work/|/tmp/|[A-Za-z]:\\\\)", text), "local path in workflow"
     assert ui["version"] == 0.4 and isinstance(ui["links"], list)
@@ -65,12 +149,12 @@ def test_workflow_content(name):
             assert i["guidance"] == 2.5 and i["true_cfg"] == 1.0
         if node["class_type"] == "FluxGuidance":
             assert i["guidance"] == 2.5
-        if node["class_type"] == "LoadImage":
-            assert i["image"].endswith(".png") and "/" not in i["image"]
+        if node["class_type"] == "LoadImage":  # the image every ComfyUI install has in input/
+            assert i["image"] == "example.png"
 
 
 def test_official_graph_only_swaps_the_loader():
-    api = json.loads((WF / "kontext_official_basic.api.json").read_text())
+    api = _api("kontext_official_basic")
     types = sorted(n["class_type"] for n in api.values())
     assert types == sorted(["KontextNativeModelLoader", "DualCLIPLoader", "CLIPTextEncode", "VAELoader", "LoadImage",
                             "FluxKontextImageScale", "VAEEncode", "ReferenceLatent", "FluxGuidance",
@@ -78,12 +162,14 @@ def test_official_graph_only_swaps_the_loader():
     ks = next(n for n in api.values() if n["class_type"] == "KSampler")["inputs"]
     assert (ks["sampler_name"], ks["scheduler"], ks["cfg"], ks["steps"]) == ("euler", "simple", 1.0, 20)
     clip = next(n for n in api.values() if n["class_type"] == "DualCLIPLoader")["inputs"]
-    assert clip["type"] == "flux" and {clip["clip_name1"], clip["clip_name2"]} == {"clip_l.safetensors",
-                                                                                   "t5xxl_fp16.safetensors"}
+    assert clip["type"] == "flux" and {clip["clip_name1"], clip["clip_name2"]} == {
+        "clip_l.safetensors", "t5xxl_fp8_e4m3fn_scaled.safetensors"}  # the official template's files
+    model = next(n for n in api.values() if n["class_type"] == "KontextNativeModelLoader")["inputs"]
+    assert model["model_name"] == "flux1-dev-kontext_fp8_scaled.safetensors"
 
 
 def test_chain_stays_in_latent_space():
-    api = json.loads((WF / "edit_chain_3_turns.api.json").read_text())
+    api = _api("edit_chain_3_turns")
     samplers = sorted((k for k, n in api.items() if n["class_type"] == "KontextNativeSampler"), key=int)
     refs = [n for n in api.values() if n["class_type"] == "KontextNativeReferenceEncoder"]
     assert len(samplers) == 3

@@ -1,13 +1,13 @@
 """Edit an image with FLUX.1 Kontext using the standalone engine (no ComfyUI).
 
 Real weights:
-    python examples/edit.py --transformer flux1-kontext-dev.safetensors --ae ae.safetensors \
+    python scripts/edit.py --transformer flux1-kontext-dev.safetensors --ae ae.safetensors \
         --embeds make_it_red.safetensors --image car.png --steps 28 --guidance 2.5 --seed 42 --out out/
 (`--embeds` is a text-embedding file written by the ComfyUI "Save Conditioning" node or
 `kontext_core.conditioning.save_embeddings`; the transformer may also be a GGUF file or a diffusers folder.)
 
 Demo without downloads (what the README's first command runs):
-    python examples/edit.py --demo --out out/
+    python scripts/edit.py --demo --out out/
 builds small random-weight checkpoints in the real file layouts (BFL transformer, LDM `ae.safetensors`),
 describes them with `info`, runs a two-turn edit chain in latent space and writes the PNGs. Random weights give
 noise-like pictures: the demo shows the whole path works end to end, not image quality.
