@@ -16,7 +16,9 @@ API = WF / "api"
 NAMES = sorted(p.name[:-len(".api.json")] for p in API.glob("*.api.json"))
 OUR_NODES = {"KontextNativeModelLoader", "KontextNativeImageBucket", "KontextNativeReferenceEncoder",
              "KontextNativeSampler", "KontextNativeSaveConditioning", "KontextNativeLoadConditioning",
-             "KontextNativeGGUFLoader", "KontextNativeVRAMPlan"}
+             "KontextNativeGGUFLoader", "KontextNativeVRAMPlan", "KontextNativeTinyLoader",
+             "KontextNativeTinyPrompt", "KontextNativeTinyScene"}
+BUNDLED = {"kontext_tiny"}  # runs the bundled Kontext-Tiny: nothing to download, its own step count
 
 
 def _builder():
@@ -41,7 +43,7 @@ def _api(name: str) -> dict:
 
 def test_expected_workflows_exist():
     assert NAMES == sorted(["single_edit", "edit_chain_3_turns", "two_reference_composition", "text_replacement",
-                            "kontext_official_basic", "low_vram_gguf_chain"])
+                            "kontext_official_basic", "low_vram_gguf_chain", "kontext_tiny"])
     for g in _graphs().values():
         assert _builder().ui_path(g).is_file()
 
@@ -138,12 +140,14 @@ def test_workflow_content(name):
     assert not {"UNETLoader", "CheckpointLoaderSimple"} & {n["class_type"] for n in api.values()}
     note = [n for n in ui["nodes"] if n["type"] == "Note"]
     assert len(note) == 1
-    for needle in ("models/diffusion_models", "models/text_encoders", "models/vae", "ae.safetensors",
-                   "flux1-kontext-dev", "t5xxl", "clip_l"):
+    needles = (("nothing to download", "Kontext-Tiny") if name in BUNDLED else
+               ("models/diffusion_models", "models/text_encoders", "models/vae", "ae.safetensors",
+                "flux1-kontext-dev", "t5xxl", "clip_l"))
+    for needle in needles:
         assert needle in note[0]["widgets_values"][0]
     for node in api.values():
         i = node["inputs"]
-        if node["class_type"] in ("KontextNativeSampler", "KSampler"):
+        if node["class_type"] in ("KontextNativeSampler", "KSampler") and name not in BUNDLED:
             assert 20 <= i["steps"] <= 28
         if node["class_type"] == "KontextNativeSampler":
             assert i["guidance"] == 2.5 and i["true_cfg"] == 1.0
