@@ -255,8 +255,11 @@ def cmd_edit(args) -> int:
         bar = Progress(args.steps, "edit", every_s=1.0)
         result = edit(transformer, ae, images=[img], prompt_embeds=embeds, pooled_prompt_embeds=pooled,
                       resize=resize, steps=args.steps, seed=args.seed, guidance=args.guidance,
-                      callback=lambda i, n, x, x0: bar.update())
+                      paste_back=args.paste_back, callback=lambda i, n, x, x0: bar.update())
         result.images[0].save(args.out)
+        if result.changed is not None:
+            print(f"paste-back: {100 * (1 - result.changed.float().mean().item()):.1f} % of the pixels are the "
+                  "input's own (the edit did not change them)")
     except USER_ERRORS as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 1
@@ -283,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"sampling steps (default {DEFAULT_STEPS})")
     ed.add_argument("--seed", type=int, default=0, help="noise seed (same seed, same result)")
     ed.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="guidance embedding value")
+    ed.add_argument("--paste-back", action="store_true",
+                    help="paste back untouched pixels: wherever the edit changed nothing, keep the input's own "
+                         "pixels (feathered seam) instead of the slightly softened re-generation")
     ed.add_argument("--transformer", help="a real Kontext transformer file instead of Kontext-Tiny")
     ed.add_argument("--ae", help="the autoencoder (ae.safetensors) that goes with --transformer")
     ed.add_argument("--embeds", help="prompt embeddings file (Save Kontext Conditioning) for --transformer")

@@ -30,6 +30,7 @@ class EditResult:
     images: list[Image.Image] = field(default_factory=list)
     pixels: Tensor | None = None  # (B, 3, H, W) in [-1, 1]
     sigmas: Tensor | None = None
+    changed: Tensor | None = None  # (B, 1, H, W) bool: pixels the edit changed (paste_back only)
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -190,13 +191,17 @@ def decode_latent(ae, z: Tensor, budget_bytes: int | None = None) -> Tensor:
 def edit(transformer: Flux, ae=None, *, images: Sequence = (), latents: Sequence[Tensor] = (),
          prompt_embeds: Tensor, pooled_prompt_embeds: Tensor, size: tuple[int, int] | None = None,
          resize: str = "stretch", decode: bool = True, ae_budget_bytes: int | None = None,
-         **sample_kwargs) -> EditResult:
+         paste_back: bool | dict = False, **sample_kwargs) -> EditResult:
     """Edit with one or more context images (PIL / tensors in [0, 1]) and/or context latents.
 
     size: output (width, height) in pixels, snapped down to multiples of 16; default: the first context's size
     (its Kontext bucket for images with resize='stretch'|'crop'|'pad', or its own size snapped to 16 for 'keep').
     ae_budget_bytes: activation memory allowed for the AE decode; when the whole image does not fit, it is decoded
     in overlapping tiles as large as the budget allows (`kontext_core.model.tiling`).
+    paste_back: keep the first context's own pixels wherever the edit did not change anything (`kontext_core.chain`:
+    the change is estimated from the decoded output vs the decoded context, the seam is feathered); True, or a dict
+    of `EditChain` options (threshold, grow, feather_px, colour_match, estimator). Needs the output at the first
+    context's size.
     Other keyword arguments go to `sample` (steps, guidance, seed, noise, layout, solver, denoise, init_latent,
     negative_*, true_cfg, device, dtype, callback).
     """
@@ -212,6 +217,8 @@ def edit(transformer: Flux, ae=None, *, images: Sequence = (), latents: Sequence
         if ae is None:
             raise InputError("context images need the autoencoder (ae) to be encoded")
         refs += encode_images(ae, images, resize)
+    if paste_back and not decode:
+        raise InputError("paste_back works on the decoded picture; it needs decode=True")
     refs += [r if not isinstance(r, Tensor) or r.ndim != 3 else r.unsqueeze(0) for r in latents]
     x, sigmas = sample(transformer, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
                        references=refs, size_latent=size_latent, **sample_kwargs)
@@ -222,6 +229,29 @@ def edit(transformer: Flux, ae=None, *, images: Sequence = (), latents: Sequence
         p = next(ae.parameters())
         pixels = decode_latent(ae, x.to(device=p.device, dtype=p.dtype), ae_budget_bytes).float()
         val.check_finite_result(pixels, "decoding the result", "autoencoder", getattr(ae, "source", None), p.dtype)
+        if paste_back:
+            pixels, result.changed = _paste_back(ae, images, resize, refs, x, pixels, paste_back)
         result.pixels = pixels
         result.images = im.tensor_to_pil(pixels)
     return result
+
+
+def _paste_back(ae, images, resize, refs, out_latent, out_pixels, options):
+    """The edited pixels where the edit changed something, the first context's own pixels elsewhere."""
+    from .chain import EditChain
+
+    if not refs:
+        raise InputError("paste_back needs a context image or latent to paste back from")
+    ctx = refs[0].float()
+    if ctx.shape[-2:] != out_latent.shape[-2:]:
+        raise InputError(f"paste_back needs the output at the context's size: context latent {tuple(ctx.shape[-2:])},"
+                         f" output {tuple(out_latent.shape[-2:])}; leave size unset")
+    anchor = None
+    if images:
+        size = (ctx.shape[-1] * ae.downscale, ctx.shape[-2] * ae.downscale)
+        anchor = im.prepare_image(images[0], resize, size).to(out_pixels.device)
+    ctx = ctx.expand(out_latent.shape[0], -1, -1, -1)
+    anchor = None if anchor is None else anchor.expand(out_latent.shape[0], -1, -1, -1)
+    chain = EditChain(ae, ctx, anchor, **(options if isinstance(options, dict) else {}))
+    step = chain.step(out_latent, out_pixels=out_pixels)
+    return chain.decode(), step.changed

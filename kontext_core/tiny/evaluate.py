@@ -253,3 +253,46 @@ def summary_table(summary: dict) -> str:
         lines.append(f"| {k} | {v['n']} | {100 * v['success']:.0f} % | {100 * v['edit_ok']:.0f} % | "
                      f"{v['preservation_db_median']:.1f} dB | {v['target_db_median']:.1f} dB |")
     return "\n".join(lines)
+
+
+# --- chains: what no turn has edited so far, and global shifts ------------------------------------------------
+def chain_keep_masks(chain: list[Triple]) -> list[np.ndarray]:
+    """Per turn k: the pixels no turn up to k may have changed (the union of the turns' edited regions, dilated
+    like `score` does, inverted). A global edit leaves nothing to keep (all False)."""
+    union = None
+    out = []
+    for t in chain:
+        ctx, tgt = render(t.context), render(t.target)
+        region = edited_region(ctx, tgt, t)
+        if region is None:
+            region = np.ones(tgt.image.shape[:2], bool)
+        union = region if union is None else union | region
+        out.append(~dilate(union, max(1, tgt.image.shape[0] // 32)))
+    return out
+
+
+def global_shift(moved: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """(dy, dx) such that `moved` ~ `reference` shifted by (dy, dx) pixels: phase correlation of the grayscale
+    images (numpy FFT) with a parabolic sub-pixel refinement of the peak."""
+    def gray(a):
+        a = np.asarray(a, np.float64)
+        a = a.mean(-1) if a.ndim == 3 else a
+        return a - a.mean()
+
+    a, b = gray(moved), gray(reference)
+    if a.shape != b.shape:
+        raise ValueError(f"images differ in size: {a.shape} vs {b.shape}")
+    cross = np.fft.fft2(a) * np.conj(np.fft.fft2(b))
+    corr = np.real(np.fft.ifft2(cross / (np.abs(cross) + 1e-9)))
+    py, px = np.unravel_index(int(np.argmax(corr)), corr.shape)
+
+    def refine(c_m, c_0, c_p):
+        den = c_m - 2 * c_0 + c_p
+        return 0.0 if abs(den) < 1e-12 else float(np.clip(0.5 * (c_m - c_p) / den, -0.5, 0.5))
+
+    h, w = corr.shape
+    dy = py + refine(corr[(py - 1) % h, px], corr[py, px], corr[(py + 1) % h, px])
+    dx = px + refine(corr[py, (px - 1) % w], corr[py, px], corr[py, (px + 1) % w])
+    dy = dy - h if dy > h / 2 else dy
+    dx = dx - w if dx > w / 2 else dx
+    return float(dy), float(dx)
