@@ -163,10 +163,15 @@ def pil_to_tensor(img: Image.Image) -> Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
+def tensor_to_uint8(x: Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, as a PNG stores it."""
+    x = ((x.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
 def tensor_to_pil(x: Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [-1, 1] -> PIL images."""
-    x = ((x.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
-    return [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in x]
+    return [Image.fromarray(a) for a in tensor_to_uint8(x)]
 
 
 def prepare_image(image, mode: str = "stretch", size: tuple[int, int] | None = None,

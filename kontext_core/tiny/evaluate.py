@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..images import tensor_to_uint8
 from .edits import EDIT_TYPES as EDIT_ORDER, Triple
 from .font import GLYPH_H, GLYPH_W, LETTERS, glyph
 from .scene import (BOARD, COLOURS, EYES, INK, Character, Scene, cell_box, eye_rects, render, sign_layout)
@@ -204,10 +205,7 @@ def score(triple: Triple, output: np.ndarray) -> Score:
 
 
 # --- running a model over triples and summarising ------------------------------------------------------------
-def to_uint8(pixels) -> np.ndarray:
-    """(B, 3, H, W) tensor in [-1, 1] -> (B, H, W, 3) uint8, as a PNG would store it."""
-    x = ((pixels.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round().to(dtype=__import__("torch").uint8)
-    return x.permute(0, 2, 3, 1).numpy()
+to_uint8 = tensor_to_uint8  # (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8; the engine's conversion
 
 
 def edit_triples(tiny, triples, *, steps: int | None = None, batch: int = 48, seed: int = 0,
