@@ -1,5 +1,5 @@
 """Command line (`kontext-core` or `python -m kontext_core`): `edit IMAGE --prompt …`, `demo --out DIR`,
-`info FILE…`, `convert SRC OUT --type Q4_K_M`, `plan [FILE] --gpu NAME --ram GB`."""
+`info FILE…`, `convert SRC OUT --type Q4_K_M`, `plan [FILE] --gpu NAME --ram GB`, `batch JOB --out DIR` (batch.py)."""
 
 from __future__ import annotations
 
@@ -143,11 +143,12 @@ def cmd_convert(args) -> int:
 
 
 def _parse_size(text: str) -> tuple[int, int]:
+    from .validation import parse_size
+
     try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like 1024x1024, got {text!r}") from None
-    return w, h
+        return parse_size(text)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def check_plan_args(args) -> None:
@@ -235,16 +236,13 @@ def _load_edit_models(args):
 def cmd_edit(args) -> int:
     from PIL import Image
 
+    from .images import open_image
     from .pipeline import edit
     from .tiny.progress import Progress
 
     try:
         transformer, ae, embeds, pooled, fixed = _load_edit_models(args)
-        try:
-            img = Image.open(args.image)
-            img.load()
-        except OSError as e:
-            raise KontextError(f"{args.image}: cannot read the image ({e})") from None
+        img = open_image(args.image)
         resize = "stretch"
         if fixed is not None:
             resize = "keep"
@@ -331,6 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "pin_memory): faster copies, page-locked RAM")
     pl.add_argument("--pcie-gbps", type=float, help="measured host-to-device GB/s (default: from the card's link)")
     pl.set_defaults(func=cmd_plan)
+
+    from .batch import add_batch_parser
+
+    add_batch_parser(sub)
     return ap
 
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .errors import InputError
+from .errors import InputError, KontextError
 from .validation import check_size
 
 _BASE = [(672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184),
@@ -111,6 +111,20 @@ def _pil_to_8bit(img: Image.Image, what: str) -> Image.Image:
         return _array_to_pil(a.astype(np.uint16), what)
     if img.mode == "F":
         return _array_to_pil(np.asarray(img, dtype=np.float32), what)
+    return img
+
+
+def open_image(path, load: bool = True) -> Image.Image:
+    """A picture file as PIL; load=False reads only its header (size, format): cheap enough to check thousands
+    of files up front, while a file whose pixel data is corrupt only fails when it is loaded."""
+    try:
+        img = Image.open(path)
+        if load:
+            img.load()
+        else:
+            img.close()  # size and mode stay readable; the file handle is not kept open
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise KontextError(f"{path}: cannot read the image ({e})") from None
     return img
 
 

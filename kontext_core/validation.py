@@ -130,6 +130,15 @@ def check_size(width, height, what: str = "size", hint: str = "") -> tuple[int, 
     return w, h
 
 
+def parse_size(text: str, what: str = "size") -> tuple[int, int]:
+    """'WxH' (e.g. '1024x768') -> (width, height); the range is check_size's business."""
+    try:
+        w, h = (int(v) for v in str(text).lower().split("x"))
+    except ValueError:
+        raise InputError(f"{what} must look like 1024x1024 (width x height), got {text!r}") from None
+    return w, h
+
+
 def check_batch_size(batch, what: str = "batch size") -> int:
     b = check_int(batch, what, 1)
     if b > limit("batch"):
