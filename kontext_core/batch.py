@@ -462,11 +462,24 @@ def remove_stale_temporaries(out_dir: str) -> int:
     return n
 
 
-def read_picture(item: Item):
-    """The item's picture, fully decoded (a corrupt file fails here, for this item alone)."""
-    from .images import open_image
+def read_picture(item: Item) -> np.ndarray:
+    """The item's picture, fully decoded (a corrupt file fails here, for this item alone), RGB at its working
+    size: (H, W, 3) uint8, small enough to ship to a worker."""
+    from .images import fit, flatten_alpha, open_image, to_pil
 
-    return open_image(item.path)
+    img = flatten_alpha(to_pil(open_image(item.path), item.path))
+    return np.asarray(fit(img, item.size, "stretch"))
+
+
+# What an edit may raise for bad data (NaN weights, out of memory, a bad embeddings file): the chunk fails, the
+# job goes on. Anything else is a bug and stops the job.
+EDIT_ERRORS = (KontextError, ValueError, RuntimeError, OSError)
+
+
+def failure(item: Item, e: BaseException) -> str:
+    from .cli import _one_line
+
+    return f"{item.where}: {_one_line(e)}"
 
 
 @dataclass
@@ -545,14 +558,12 @@ def run_local(job: Job, out_dir: str, model: ModelSpec, guidance: float | None =
                     pictures.append(read_picture(it))
                     ready.append(it)
                 except KontextError as e:
-                    report.failed[it.output] = f"{it.where}: {e}"
+                    report.failed[it.output] = failure(it, e)
             start = time.time()
             try:
                 results = editor.edit(ready, pictures, plan.guidance) if ready else []
-            except (KontextError, ValueError, RuntimeError) as e:
-                from .cli import _one_line
-
-                report.failed.update({it.output: f"{it.where}: {_one_line(e)}" for it in ready})
+            except EDIT_ERRORS as e:
+                report.failed.update({it.output: failure(it, e) for it in ready})
                 results = []
             each = (time.time() - start) / max(len(ready), 1)
             for it, pixels in zip(ready, results):
