@@ -172,3 +172,40 @@ def test_atomic_write_leaves_no_half_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         batch.write_atomic(str(target), b"new data")
     assert target.read_bytes() == b"old complete file" and output_files(tmp_path) == ["a.png"]
+
+
+def test_embedding_files_drive_a_transformer_and_autoencoder_given_as_files(tmp_path):
+    """The real-model path (--transformer/--ae, one embeddings file per row), run with Kontext-Tiny's own files:
+    it must give what the instruction path gives, since the embeddings are that instruction's."""
+    from kontext_core.conditioning import save_embeddings
+
+    manifest, rows = make_job(tmp_path, 2)
+    models = tiny.load()
+    for r in rows:
+        name = os.path.basename(r["image"]).replace(".png", ".safetensors")
+        save_embeddings(tmp_path / name, *models.encode_prompt([r["instruction"]]))
+        r["embeds"], r["size"] = name, "64x64"
+    real_rows = [{k: v for k, v in r.items() if k != "instruction"} for r in rows]
+    paths = tiny.weight_paths()
+    files = ModelSpec(str(paths["transformer"]), str(paths["ae"]))
+    report = run_local(load_job(write_csv(tmp_path / "real.csv", real_rows), files), str(tmp_path / "real"), files,
+                       progress=False)
+    assert sorted(report.done) == ["p0.png", "p1.png"] and not report.failed
+    run_local(load_job(manifest, TINY), str(tmp_path / "text"), TINY, progress=False)
+    for name in ("p0", "p1"):
+        diff = np.abs(read_png(tmp_path / "real" / f"{name}.png").astype(int) -
+                      read_png(tmp_path / "text" / f"{name}.png").astype(int))
+        assert diff.max() <= 2
+        req = json.loads((tmp_path / "real" / f"{name}.json").read_text())["request"]
+        assert req["embeds"] == f"{name}.safetensors" and req["instruction"] is None
+        assert set(req["model"]) == {"transformer", "ae"}
+
+
+def test_ray_mode_without_ray_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    import sys
+
+    manifest, _ = make_job(tmp_path, 1)
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError, as when it is not installed
+    assert cli(["batch", manifest, "--out", str(tmp_path / "out"), "--ray"]) == 1
+    err = capsys.readouterr().err
+    assert "--ray needs Ray Data" in err and "[scale]" in err
