@@ -3,8 +3,10 @@ Data mode with 1..N model workers on a local Ray instance. Kontext-Tiny, 64x64 s
 
     python benchmarks/bench_batch.py --items 16 --steps 4 --workers 1 2
 
-Each run starts from an empty output folder and includes loading the model(s): what a user waits for. The Ray
-instance is started once, before the timed runs (on a real cluster it is already running). On CPU each worker
+Each run starts from an empty output folder. "job" counts the whole run, loading the model(s) and starting the
+workers included: what a user waits for. "steady" is the rate after the first batch was written, up to the last
+output (from the files' times): what a long job converges to. The Ray instance is started once, before the timed runs
+(on a real cluster it is already running). On CPU each worker
 runs torch with one thread, and so does the reference, so the ratio shows what more workers buy; it can only
 exceed 1 where there are free cores (or GPUs) for them.
 """
@@ -30,6 +32,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     args = ap.parse_args()
+    if args.items < 2 * args.batch_size:
+        ap.error("--items must be at least twice --batch-size (the steady rate needs more than one batch)")
 
     import torch
 
@@ -51,7 +55,9 @@ def main() -> None:
         report = run(out)
         dt = time.perf_counter() - t0
         assert len(report.done) == args.items and not report.failed, report.summary()
-        return args.items / dt
+        stamps = sorted(os.stat(os.path.join(out, o)).st_mtime for o in report.done)
+        # the first batch lands at once at stamps[0]: count the items after it over the time after it
+        return args.items / dt, (len(stamps) - args.batch_size) / max(stamps[-1] - stamps[0], 1e-9)
 
     ref = timed("local", lambda out: run_local(job, out, model, batch_size=args.batch_size, progress=False))
     rows = [("one machine (reference)", ref)]
@@ -68,9 +74,9 @@ def main() -> None:
                          timed(f"ray {w}", lambda out: run_ray(job, out, model, batch_size=args.batch_size,
                                                                workers=w, progress=False))))
         ray.shutdown()
-    print(f"{'mode':<26}{'items/s':>10}{'vs reference':>14}")
-    for label, rate in rows:
-        print(f"{label:<26}{rate:>10.3f}{rate / ref:>13.2f}x")
+    print(f"{'mode':<26}{'job items/s':>12}{'vs ref':>8}{'steady items/s':>16}{'vs ref':>8}")
+    for label, (rate, steady) in rows:
+        print(f"{label:<26}{rate:>12.3f}{rate / ref[0]:>7.2f}x{steady:>16.3f}{steady / ref[1]:>7.2f}x")
     shutil.rmtree(work, ignore_errors=True)
 
 

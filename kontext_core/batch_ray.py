@@ -135,7 +135,7 @@ def write_batch(batch: dict, out_dir: str) -> dict:
 def run_ray(job, out_dir: str, model: ModelSpec, guidance: float | None = None,
             batch_size: int = DEFAULT_BATCH_SIZE, address: str | None = None, workers: int | None = None,
             progress: bool = True, crash_once: tuple[str, str] | None = None) -> Report:
-    """Edit the job on Ray: the running cluster at `address` ('auto', 'HOST:6379', 'ray://HOST:10001'), the
+    """Edit the job on Ray: the running cluster at `address` ('auto', 'HOST:6379'), the
     one ray.init already connected to, or else a local Ray instance started (and stopped) here."""
     from .tiny import DEFAULT_GUIDANCE
     from .tiny.progress import Progress
@@ -146,7 +146,7 @@ def run_ray(job, out_dir: str, model: ModelSpec, guidance: float | None = None,
     t0 = time.time()
     out_dir = os.path.abspath(out_dir)
     plan = plan_job(job, out_dir, model, DEFAULT_GUIDANCE if guidance is None else guidance)
-    report = Report(total=len(job.items), skipped=len(plan.finished))
+    report = Report(total=len(job.items), skipped=len(plan.finished), model_hashes=plan.model_hashes)
     started = False
     try:
         if plan.todo:

@@ -135,6 +135,23 @@ def test_rerun_skips_finished_items_and_redoes_partial_or_changed_ones(tmp_path)
     assert json.loads(open(os.path.join(out, "p3.json")).read())["request"]["seed"] == 99
 
 
+def test_a_rerun_hashes_only_model_files_that_changed(tmp_path, monkeypatch):
+    manifest, _ = make_job(tmp_path, 1)
+    out = tmp_path / "out"
+    run_local(load_job(manifest, TINY), str(out), TINY, progress=False)
+    hashed = []
+    real_digest = batch.file_digest
+    monkeypatch.setattr(batch, "file_digest", lambda p: hashed.append(os.path.basename(p)) or real_digest(p))
+    assert run_local(load_job(manifest, TINY), str(out), TINY, progress=False).skipped == 1
+    assert hashed == []  # the report's hashes were reused: same size, same modification time
+    report = json.loads((out / batch.REPORT_FILE).read_text())
+    transformer = str(tiny.weight_paths()["transformer"])
+    report["model_hashes"][transformer]["signature"][1] += 1  # as if the file had been replaced since
+    (out / batch.REPORT_FILE).write_text(json.dumps(report))
+    assert run_local(load_job(manifest, TINY), str(out), TINY, progress=False).skipped == 1  # same contents
+    assert hashed == [os.path.basename(transformer)]
+
+
 def test_a_corrupt_picture_fails_alone(tmp_path, capsys):
     manifest, rows = make_job(tmp_path, 3)
     png = (tmp_path / "pics" / "p1.png").read_bytes()

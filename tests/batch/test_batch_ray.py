@@ -19,6 +19,8 @@ ray = pytest.importorskip("ray", reason="the Ray mode needs the [scale] extra (r
 pytest.importorskip("ray.data")
 from kontext_core.batch_ray import run_ray  # noqa: E402
 
+# Ray Data's own DataContext warns about its deprecated settings when it is first used; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 TINY = ModelSpec()
 WORKER_TITLE = "MapWorker(MapBatches(EditWorker))"  # Ray's process title for our actors
 
