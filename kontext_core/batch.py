@@ -109,7 +109,7 @@ class ModelSpec:
     def describe(self, known: dict | None = None) -> tuple[dict[str, dict[str, str]], dict]:
         """(role -> {file name, sha256}: what a sidecar records and the resume rule compares, the hashes with the
         files' signatures). `known` (a previous run's hashes) spares re-reading a file that has not changed:
-        hashing a 24 GB transformer takes about a minute."""
+        hashing a 24 GB transformer means reading all of it."""
         known, hashes, described = known or {}, {}, {}
         for role, p in self.files().items():
             key, sig = os.path.abspath(p), stat_signature(p)

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from batch_jobs import make_job, output_files, read_png
+from batch_jobs import make_job, output_files, read_png, write_csv
 from kontext_core import batch
 from kontext_core.batch import ModelSpec, load_job, run_local
 from kontext_core.cli import main as cli
@@ -93,8 +93,12 @@ def _our_worker_pids():
     return found
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the worker processes through /proc (Linux)")
 def test_a_worker_killed_from_outside_mid_job(cluster, tmp_path):
-    manifest, _ = make_job(tmp_path, 8)
+    manifest, rows = make_job(tmp_path, 8)
+    for r in rows:
+        r["steps"] = "6"  # long enough per item that the kill lands while the workers are busy
+    write_csv(manifest, rows)
     out = tmp_path / "out"
     result = {}
     runner = threading.Thread(target=lambda: result.setdefault(
