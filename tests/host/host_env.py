@@ -24,7 +24,11 @@ def _env() -> dict:
     return env
 
 
-def run_driver(assets, jobs: list[dict], timeout: int = 900) -> dict:
+# All jobs run in one ComfyUI process: ~3-9 min on 2 free cores; a busy machine needs longer (override in seconds).
+DRIVER_TIMEOUT = int(os.environ.get("KONTEXT_HOST_TIMEOUT", "2400"))
+
+
+def run_driver(assets, jobs: list[dict], timeout: int = DRIVER_TIMEOUT) -> dict:
     work = assets.base / "driver"
     work.mkdir(exist_ok=True)
     jobs_path, out_path = work / "jobs.json", work / "results.json"

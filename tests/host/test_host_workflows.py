@@ -101,6 +101,35 @@ def tiny_edit_job(kind: str) -> dict:
     return api
 
 
+ANCHORED_TURNS = ("recolour", "add")  # edits of the anchored Kontext-Tiny chain (TINY_SCENE_SEED's scene)
+
+
+def tiny_anchored_chain_job() -> dict:
+    """The shipped Kontext-Tiny workflow continued for a second turn, both turns through Kontext Keep Unchanged
+    (turn 1 from the scene, turn 2 from turn 1's chain), each sampler's latent saved."""
+    from kontext_core.tiny.edits import scene_triple
+
+    api = W.load_api("kontext_tiny")
+    scene, loader = W.find(api, "KontextNativeTinyScene")[0], W.find(api, "KontextNativeTinyLoader")[0]
+    api[scene]["inputs"].update(seed=TINY_SCENE_SEED, edit_type=ANCHORED_TURNS[0])
+    api[W.find(api, "KontextNativeTinyPrompt")[0]]["inputs"]["text"] = scene_triple(TINY_SCENE_SEED, ANCHORED_TURNS[0]).instruction
+    s1 = W.find(api, "KontextNativeSampler")[0]
+    keep1 = W.add_node(api, "KontextNativeKeepUnchanged", {"samples": [s1, 0], "vae": [loader, 1], "image": [scene, 0],
+                                                          "estimator": "pixels", "threshold": 0.0, "feather": 2,
+                                                          "colour_match": True})
+    api[W.find(api, "SaveImage")[0]]["inputs"]["images"] = [keep1, 1]
+    text2 = W.add_node(api, "KontextNativeTinyPrompt", {"text_encoder": [loader, 2],
+                                                       "text": scene_triple(TINY_SCENE_SEED, ANCHORED_TURNS[1]).instruction})
+    ref2 = W.add_node(api, "KontextNativeReferenceEncoder", {"conditioning": [text2, 0], "latent": [keep1, 0],
+                                                            "layout": "offset"})
+    s2 = W.add_node(api, "KontextNativeSampler", {**api[s1]["inputs"], "positive": [ref2, 0], "seed": 1})
+    keep2 = W.add_node(api, "KontextNativeKeepUnchanged", {**api[keep1]["inputs"], "samples": [s2, 0],
+                                                          "previous": [keep1, 0]})
+    del api[keep2]["inputs"]["image"]
+    W.add_node(api, "SaveImage", {"images": [keep2, 1], "filename_prefix": "anchored/turn2"})
+    return W.with_saved_latents(api, "anchored")
+
+
 def build_jobs() -> list[dict]:
     jobs = [{"name": f"wf:{n}", "prompt": tiny(n)} for n in W.workflow_names()]
     jobs += [
@@ -125,6 +154,7 @@ def build_jobs() -> list[dict]:
         {"name": "vram_plan", "prompt": vram_plan_job()},
     ]
     jobs += [{"name": f"tiny:{kind}", "prompt": tiny_edit_job(kind)} for kind in TINY_KINDS]
+    jobs.append({"name": "tiny_anchored_chain", "prompt": tiny_anchored_chain_job()})
     for layout in ("comfy", "fp8", "diffusers", "scaled_fp8"):
         jobs.append({"name": f"layout_{layout}", "prompt": W.with_saved_latents(
             tiny("single_edit", A.__dict__["MODEL_" + layout.upper()]), f"layout_{layout}")})
@@ -175,7 +205,8 @@ def test_pack_loads_with_all_nodes(driver):
     assert driver["boot"]["our_nodes"] == sorted([
         "KontextNativeModelLoader", "KontextNativeGGUFLoader", "KontextNativeImageBucket", "KontextNativeReferenceEncoder",
         "KontextNativeSampler", "KontextNativeSaveConditioning", "KontextNativeLoadConditioning",
-        "KontextNativeVRAMPlan", "KontextNativeTinyLoader", "KontextNativeTinyPrompt", "KontextNativeTinyScene"])
+        "KontextNativeVRAMPlan", "KontextNativeTinyLoader", "KontextNativeTinyPrompt", "KontextNativeTinyScene",
+        "KontextNativeKeepUnchanged"])
 
 
 EXAMPLE = A.IMAGES["example.png"]  # placeholder images are used at their own size ('keep', see host_workflows)
@@ -212,9 +243,10 @@ def test_edit_chain_stays_in_latent_space(driver):
     prompt = driver["jobs"]["wf:edit_chain_3_turns"]
     samplers = W.find(prompt, "KontextNativeSampler")
     refs = W.find(prompt, "KontextNativeReferenceEncoder")
-    assert len(samplers) == 3 and len(refs) == 3
-    # turns 2 and 3 take the previous sampler's LATENT directly (no VAE in between)
-    for ref, prev in zip(refs[1:], samplers[:-1]):
+    keeps = W.find(prompt, "KontextNativeKeepUnchanged")
+    assert len(samplers) == 3 and len(refs) == 3 and len(keeps) == 3
+    # turns 2 and 3 take the previous turn's anchored LATENT directly (no VAE in between)
+    for ref, prev in zip(refs[1:], keeps[:-1]):
         assert prompt[ref]["inputs"]["latent"] == [prev, 0] and "image" not in prompt[ref]["inputs"]
     ok(driver, "wf:edit_chain_3_turns")
 
@@ -223,12 +255,44 @@ def test_gguf_chain_stays_in_latent_space(driver):
     prompt = driver["jobs"]["wf:low_vram_gguf_chain"]
     samplers = W.find(prompt, "KontextNativeSampler")
     refs = W.find(prompt, "KontextNativeReferenceEncoder")
+    keeps = W.find(prompt, "KontextNativeKeepUnchanged")
     loader = W.find(prompt, "KontextNativeGGUFLoader")
-    assert len(samplers) == 2 and len(refs) == 2 and len(loader) == 1
-    assert prompt[refs[1]]["inputs"]["latent"] == [samplers[0], 0] and "image" not in prompt[refs[1]]["inputs"]
+    assert len(samplers) == 2 and len(refs) == 2 and len(loader) == 1 and len(keeps) == 2
+    assert prompt[refs[1]]["inputs"]["latent"] == [keeps[0], 0] and "image" not in prompt[refs[1]]["inputs"]
     assert all(prompt[s]["inputs"]["model"] == [loader[0], 0] for s in samplers)
     r = ok(driver, "wf:low_vram_gguf_chain")
     assert [f["model_class"] for f in r["lowvram"]["loads"]] == ["KontextNativeGGUFFlux"] * 2
+
+
+def test_anchored_chain_in_comfyui_equals_the_engines_chain(driver):
+    """Two Kontext-Tiny turns through Kontext Keep Unchanged in ComfyUI (core VAE object around the engine AE)
+    give the images the engine's EditChain gives on the same sampler outputs, and every pixel outside the mask
+    the chain reports is the scene's own."""
+    import numpy as np
+
+    from kontext_core import tiny
+    from kontext_core.chain import EditChain, dilate
+    from kontext_core.images import tensor_to_uint8
+    from kontext_core.tiny.edits import scene_triple
+
+    name = "tiny_anchored_chain"
+    ok(driver, name)
+    prompt = driver["jobs"][name]
+    s1, s2 = W.find(prompt, "KontextNativeSampler")
+    saves = W.find(prompt, "SaveImage")
+    ours = [np.asarray(Image.open(saved(driver, name, nid, "images")[0]).convert("RGB")) for nid in saves]
+    scene = scene_triple(TINY_SCENE_SEED, ANCHORED_TURNS[0]).context                   # (H, W, 3) uint8
+    models = tiny.load()
+    pixels = torch.from_numpy(scene).permute(2, 0, 1)[None].float() / 127.5 - 1
+    chain = EditChain.from_pixels(models.ae, pixels)
+    for nid, got in zip((s1, s2), ours):
+        chain.step(to_model_space(saved_latent(driver, name, f"out_{nid}")))
+        want = tensor_to_uint8(chain.decode())[0]
+        assert np.abs(got.astype(int) - want).max() <= 2
+        kept = ~dilate(chain.union, chain.feather_px)[0, 0].numpy()  # beyond the feathered seam
+        assert kept.any() and np.array_equal(want[kept], scene[kept])
+        # ComfyUI's SaveImage truncates x * 255 instead of rounding: at most one level below the scene
+        assert np.abs(got[kept].astype(int) - scene[kept]).max() <= 1
 
 
 def _engine_run(driver, name: str, cond_file: str, negative_file: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
