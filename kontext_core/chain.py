@@ -208,7 +208,9 @@ class EditChain:
 
     @torch.no_grad()
     def _decode(self, latent: Tensor) -> Tensor:
-        return _ae_run(self.ae.decode, self.ae, latent)
+        # clamped like every picture a host shows or saves (ComfyUI's VAE clamps its decode), so the change estimate
+        # and the seam blend see the same values whichever decoder runs
+        return _ae_run(self.ae.decode, self.ae, latent).clamp(-1, 1)
 
     def canvas_pixels(self) -> Tensor:
         if self._canvas_pixels is None:
