@@ -19,6 +19,7 @@ Masks are (B, 1, H, W) bool tensors at pixel resolution; latents (B, C, h, w); p
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,16 @@ PIXEL_THRESHOLD = 24.0
 LATENT_THRESHOLD = 0.1
 GROW = 1
 FEATHER = 2
+_SETTINGS = ("ae", "estimator", "threshold", "grow", "feather_px", "colour_match")
+
+
+def _ae_run(fn, ae, x: Tensor) -> Tensor:
+    """Call the AE's encode/decode with `x` on its device and dtype; codecs without parameters (a host's VAE
+    wrapped by the node pack) take `x` as it is. The result comes back as float32."""
+    p = next(iter(ae.parameters()), None) if hasattr(ae, "parameters") else None
+    if p is not None:
+        x = x.to(device=p.device, dtype=p.dtype)
+    return fn(x).float()
 
 
 def _as_mask(mask: Tensor, like: Tensor, name: str) -> Tensor:
@@ -169,9 +180,22 @@ class EditChain:
     @classmethod
     @torch.no_grad()
     def from_pixels(cls, ae, pixels: Tensor, **kwargs) -> "EditChain":
-        p = next(ae.parameters())
-        latent = ae.encode(pixels.to(device=p.device, dtype=p.dtype)).float()
-        return cls(ae, latent, pixels, **kwargs)
+        return cls(ae, _ae_run(ae.encode, ae, pixels), pixels, **kwargs)
+
+    def fork(self, **settings) -> "EditChain":
+        """A copy to step further, leaving this one as it is (a node graph may re-run a later turn many times);
+        `settings` (ae, estimator, threshold, grow, feather_px, colour_match) replace this chain's."""
+        other = copy.copy(self)
+        other.canvas, other.union = self.canvas.clone(), self.union.clone()
+        for name, value in settings.items():
+            if name not in _SETTINGS:
+                raise TypeError(f"unknown chain setting {name!r}")
+            setattr(other, name, value)
+        if "ae" in settings and settings["ae"] != self.ae:
+            other._canvas_pixels = None  # another decoder: the cached decode of the canvas no longer applies
+        if other.estimator not in ESTIMATORS:
+            raise InputError(f"unknown change estimator '{other.estimator}'; choose one of {', '.join(ESTIMATORS)}")
+        return other
 
     @property
     def context(self) -> Tensor:
@@ -184,8 +208,9 @@ class EditChain:
 
     @torch.no_grad()
     def _decode(self, latent: Tensor) -> Tensor:
-        p = next(self.ae.parameters())
-        return self.ae.decode(latent.to(device=p.device, dtype=p.dtype)).float()
+        # clamped like every picture a host shows or saves (ComfyUI's VAE clamps its decode), so the change estimate
+        # and the seam blend see the same values whichever decoder runs
+        return _ae_run(self.ae.decode, self.ae, latent).clamp(-1, 1)
 
     def canvas_pixels(self) -> Tensor:
         if self._canvas_pixels is None:

@@ -1,5 +1,6 @@
-"""Command line (`kontext-core` or `python -m kontext_core`): `edit IMAGE --prompt …`, `demo --out DIR`,
-`info FILE…`, `convert SRC OUT --type Q4_K_M`, `plan [FILE] --gpu NAME --ram GB`, `batch JOB --out DIR` (batch.py)."""
+"""Command line (`kontext-core` or `python -m kontext_core`): `edit IMAGE --prompt …`, `chain IMAGE --prompt …
+--prompt …`, `demo --out DIR`, `info FILE…`, `convert SRC OUT --type Q4_K_M`, `plan [FILE] --gpu NAME --ram GB`,
+`batch JOB --out DIR` (batch.py)."""
 
 from __future__ import annotations
 
@@ -265,6 +266,72 @@ def cmd_edit(args) -> int:
     return 0
 
 
+def _chain_models(args):
+    """(transformer, ae, [(prompt_embeds, pooled) per turn], image size or None) for `chain`."""
+    from .conditioning import load_embeddings
+
+    if args.transformer or args.ae:
+        from .weights.ae_layout import load_autoencoder
+        from .weights.loader import load_transformer
+
+        if not (args.transformer and args.ae and args.embeds) or args.prompt:
+            raise KontextError("a chain with your own model needs --transformer, --ae and one --embeds file per "
+                               "turn (prompt embeddings saved by 'Save Kontext Conditioning'), and no --prompt")
+        turns = [load_embeddings(e)[:2] for e in args.embeds]
+        return load_transformer(args.transformer), load_autoencoder(args.ae), turns, None
+    from . import tiny
+
+    if args.embeds:
+        raise KontextError("--embeds goes with --transformer and --ae; Kontext-Tiny takes the turns as --prompt")
+    if not args.prompt:
+        raise KontextError("give each turn as --prompt, e.g. --prompt \"make the circle blue\" --prompt \"remove the star\"")
+    models = tiny.load()
+    unknown = models.text_encoder.tokenizer.unknown_words(" ".join(args.prompt))
+    if unknown:
+        print(f"warning: Kontext-Tiny does not know the words {unknown}", file=sys.stderr)
+    return models.transformer, models.ae, [models.encode_prompt([p]) for p in args.prompt], \
+        (tiny.IMAGE_SIZE, tiny.IMAGE_SIZE)
+
+
+def cmd_chain(args) -> int:
+    """Several edits in a row; each turn edits the previous turn's latent (no decode/encode in between). anchored
+    (default): `EditChain` keeps the original wherever no turn has edited; latents: the plain latent hand-over."""
+    from pathlib import Path
+
+    import torch
+
+    from .chain import EditChain
+    from .images import open_image, prepare_image, tensor_to_pil
+    from .pipeline import edit
+
+    try:
+        transformer, ae, turns, fixed = _chain_models(args)
+        img = open_image(args.image)
+        pixels = prepare_image(img, "keep" if fixed else "stretch", fixed, what=args.image)
+        chain = EditChain.from_pixels(ae, pixels)
+        latent = chain.context
+        out_dir = Path(args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for k, (embeds, pooled) in enumerate(turns):
+            res = edit(transformer, ae, latents=[chain.context if args.mode == "anchored" else latent],
+                       prompt_embeds=embeds, pooled_prompt_embeds=pooled, steps=args.steps, seed=args.seed + k,
+                       guidance=args.guidance, decode=args.mode != "anchored")
+            if args.mode == "anchored":
+                chain.step(res.latent)
+                picture = tensor_to_pil(chain.decode())[0]
+                kept = 100 * (1 - chain.union.float().mean().item())
+                note = f"; {kept:.1f} % of the pixels are the original's (no turn edited them)"
+            else:
+                latent, picture, note = res.latent, res.images[0], ""
+            path = out_dir / f"turn_{k + 1:02d}.png"
+            picture.save(path)
+            print(f"turn {k + 1}/{len(turns)}: wrote {path}{note}")
+    except USER_ERRORS as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse prints the usage block before an error; we keep failures to one line on stderr."""
 
@@ -291,6 +358,22 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--ae", help="the autoencoder (ae.safetensors) that goes with --transformer")
     ed.add_argument("--embeds", help="prompt embeddings file (Save Kontext Conditioning) for --transformer")
     ed.set_defaults(func=cmd_edit)
+
+    ch = sub.add_parser("chain", help="several edits in a row from one picture, anchored so unedited regions "
+                                      "stay the original's (bundled Kontext-Tiny by default)")
+    ch.add_argument("image", help="the picture to edit")
+    ch.add_argument("--prompt", action="append", help="one turn's instruction (Kontext-Tiny); repeat for each turn")
+    ch.add_argument("--embeds", action="append", help="one turn's prompt embeddings file, with --transformer/--ae")
+    ch.add_argument("--mode", choices=("anchored", "latents"), default="anchored",
+                    help="anchored (default): keep the original wherever no turn edited; latents: plain latent "
+                         "hand-over between turns")
+    ch.add_argument("--out", default="chain", help="folder for turn_01.png, turn_02.png, ... (default chain/)")
+    ch.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"sampling steps (default {DEFAULT_STEPS})")
+    ch.add_argument("--seed", type=int, default=0, help="noise seed of turn 1 (turn k uses seed + k - 1)")
+    ch.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="guidance embedding value")
+    ch.add_argument("--transformer", help="a real Kontext transformer file instead of Kontext-Tiny")
+    ch.add_argument("--ae", help="the autoencoder (ae.safetensors) that goes with --transformer")
+    ch.set_defaults(func=cmd_chain)
 
     dm = sub.add_parser("demo", help="Kontext-Tiny on every edit type and a 5-turn chain, scored; writes PNGs")
     dm.add_argument("--out", default="out", help="folder for edits.png, chain.png, metrics.json")

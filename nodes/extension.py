@@ -6,6 +6,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from . import comfy_model
 from .images import ImageBucket
+from .keep_unchanged import KeepUnchanged
 from .loaders import GGUFLoader, LoadConditioning, ModelLoader, SaveConditioning
 from .planning import VRAMPlan
 from .reference import ReferenceEncoder
@@ -13,7 +14,7 @@ from .sampler import Sampler
 from .tiny import NODES as TINY_NODES
 
 NODES: list[type[io.ComfyNode]] = [ModelLoader, GGUFLoader, ImageBucket, ReferenceEncoder, Sampler,
-                                   SaveConditioning, LoadConditioning, VRAMPlan, *TINY_NODES]
+                                   KeepUnchanged, SaveConditioning, LoadConditioning, VRAMPlan, *TINY_NODES]
 
 
 class KontextNativeExtension(ComfyExtension):

@@ -59,6 +59,9 @@ SPECS: dict[str, tuple[list, list, list]] = {
                               ("latent", "LATENT")], [("LATENT", "LATENT")],
                              ["seed", CONTROL, "steps", "guidance", "true_cfg", "solver", "scheduler", "denoise",
                               "width", "height", "batch_size"]),
+    "KontextNativeKeepUnchanged": ([("samples", "LATENT"), ("vae", "VAE"), ("image", "IMAGE"), ("previous", "LATENT")],
+                                   [("LATENT", "LATENT"), ("IMAGE", "IMAGE"), ("edited", "MASK")],
+                                   ["estimator", "threshold", "feather", "colour_match"]),
     "KontextNativeLoadConditioning": ([], [("CONDITIONING", "CONDITIONING")], ["conditioning_file"]),
     "KontextNativeSaveConditioning": ([("conditioning", "CONDITIONING")], [], ["filename_prefix"]),
     "DualCLIPLoader": ([], [("CLIP", "CLIP")], ["clip_name1", "clip_name2", "type", "device"]),
@@ -90,7 +93,8 @@ FRONTEND_ONLY = {"Note"}  # not executed: absent from the API format
 DISPLAY_NAMES = {
     "KontextNativeModelLoader": "Load Kontext Model (native)", "KontextNativeGGUFLoader": "Load Kontext GGUF (native)",
     "KontextNativeImageBucket": "Kontext Image Bucket", "KontextNativeReferenceEncoder": "Kontext Reference",
-    "KontextNativeSampler": "Kontext Sampler", "KontextNativeLoadConditioning": "Load Kontext Conditioning",
+    "KontextNativeSampler": "Kontext Sampler", "KontextNativeKeepUnchanged": "Kontext Keep Unchanged",
+    "KontextNativeLoadConditioning": "Load Kontext Conditioning",
     "KontextNativeSaveConditioning": "Save Kontext Conditioning", "DualCLIPLoader": "DualCLIPLoader",
     "CLIPTextEncode": "CLIP Text Encode (Prompt)", "VAELoader": "Load VAE", "LoadImage": "Load Image",
     "FluxKontextImageScale": "FluxKontextImageScale", "VAEEncode": "VAE Encode", "VAEDecode": "VAE Decode",
@@ -110,7 +114,7 @@ MIN_SIZES = {
     "Note": (210, 88), "KontextNativeModelLoader": (215, 82), "KontextNativeGGUFLoader": (217, 82),
     "DualCLIPLoader": (210, 130), "VAELoader": (210, 58), "LoadImage": (214, 326),
     "KontextNativeImageBucket": (210, 98), "CLIPTextEncode": (210, 88), "KontextNativeReferenceEncoder": (210, 118),
-    "KontextNativeSampler": (210, 358), "VAEDecode": (140, 46), "VAEEncode": (140, 46), "PreviewImage": (140, 26),
+    "KontextNativeSampler": (210, 358), "KontextNativeKeepUnchanged": (240, 190), "VAEDecode": (140, 46), "VAEEncode": (140, 46), "PreviewImage": (140, 26),
     "SaveImage": (210, 58), "FluxKontextImageScale": (188, 26), "ReferenceLatent": (198, 46),
     "FluxGuidance": (210, 58), "ConditioningZeroOut": (198, 26), "KSampler": (210, 262),
     "KontextNativeTinyLoader": (225, 66), "KontextNativeTinyPrompt": (210, 88), "KontextNativeTinyScene": (210, 82),
@@ -120,7 +124,7 @@ DEFAULT_SIZES = {
     "Note": (440, 400), "KontextNativeModelLoader": (340, 82), "KontextNativeGGUFLoader": (340, 82),
     "DualCLIPLoader": (340, 130), "VAELoader": (340, 58), "LoadImage": (320, 340), "CLIPTextEncode": (400, 160),
     "KontextNativeImageBucket": (280, 98), "KontextNativeReferenceEncoder": (300, 118),
-    "KontextNativeSampler": (320, 358), "VAEDecode": (200, 46), "VAEEncode": (200, 46), "PreviewImage": (320, 320),
+    "KontextNativeSampler": (320, 358), "KontextNativeKeepUnchanged": (320, 190), "VAEDecode": (200, 46), "VAEEncode": (200, 46), "PreviewImage": (320, 320),
     "SaveImage": (400, 420), "FluxKontextImageScale": (270, 26), "ReferenceLatent": (200, 46),
     "FluxGuidance": (280, 58), "ConditioningZeroOut": (240, 26), "KSampler": (320, 262),
     "KontextNativeTinyLoader": (300, 66), "KontextNativeTinyPrompt": (340, 120), "KontextNativeTinyScene": (300, 82),
@@ -350,9 +354,10 @@ def text_replacement() -> Graph:
 
 def _latent_chain(g: Graph, model: int, clip: int, vae: int, prompts: list[str], save_prefix: str,
                   steps: int | None = None) -> None:
-    """Image -> bucket, then one column per turn (instruction, reference, sampler, decode, image); each turn's
-    LATENT is the next reference's latent (no decode/encode between turns); earlier turns are previewed, the last
-    one saved."""
+    """Image -> bucket, then one column per turn (instruction, reference, sampler, Keep Unchanged, image). Turns
+    chain in latent space (no decode/encode between turns) and anchored: each Kontext Keep Unchanged keeps the
+    original wherever no turn has edited, its LATENT is the next reference's latent and the next Keep Unchanged's
+    previous; earlier turns are previewed, the last one saved."""
     img = g.add("LoadImage", 1, {"image": IMAGE})
     bucket = g.add("KontextNativeImageBucket", 1, {"mode": "stretch"})
     g.link(img, 0, bucket, "image")
@@ -364,24 +369,32 @@ def _latent_chain(g: Graph, model: int, clip: int, vae: int, prompts: list[str],
         g.link(clip, 0, text, "clip")
         ref = g.add("KontextNativeReferenceEncoder", col, {"layout": "offset"}, title=f"Reference (turn {turn + 1})")
         g.link(text, 0, ref, "conditioning")
+        keep = g.add("KontextNativeKeepUnchanged", col, KEEP_WIDGETS, title=f"Keep Unchanged (turn {turn + 1})")
         if prev is None:
             g.link(vae, 0, ref, "vae")
             g.link(bucket, 0, ref, "image")
+            g.link(bucket, 0, keep, "image")
         else:
             g.link(prev, 0, ref, "latent")
+            g.link(prev, 0, keep, "previous")
         widgets = _sampler_widgets(turn) if steps is None else _sampler_widgets(turn, steps=steps)
         sampler = g.add("KontextNativeSampler", col, widgets, title=f"Kontext Sampler (turn {turn + 1})")
         g.link(model, 0, sampler, "model")
         g.link(ref, 0, sampler, "positive")
-        dec = g.add("VAEDecode", col)
-        g.link(sampler, 0, dec, "samples")
-        g.link(vae, 0, dec, "vae")
+        g.link(sampler, 0, keep, "samples")
+        g.link(vae, 0, keep, "vae")
         if turn < len(prompts) - 1:
             out = g.add("PreviewImage", col, size=(400, 320), title=f"Turn {turn + 1}")
         else:
             out = g.add("SaveImage", col, {"filename_prefix": save_prefix})
-        g.link(dec, 0, out, "images")
-        prev = sampler
+        g.link(keep, 1, out, "images")
+        prev = keep
+
+
+KEEP_WIDGETS = {"estimator": "pixels", "threshold": 0.0, "feather": 2, "colour_match": True}
+CHAIN_TIP = ("Each turn's Kontext Keep Unchanged keeps the original picture wherever no turn has edited (latent "
+             "for the next turn, pixels for the images), so long chains do not drift; replace it by VAE Decode "
+             "to see the plain chain.")
 
 
 def edit_chain() -> Graph:
@@ -389,7 +402,7 @@ def edit_chain() -> Graph:
     note = files_note(MODEL_LINE, ONE_IMAGE,
                       "Three edits in a row without leaving latent space: each Kontext Sampler's LATENT is the next "
                       "Kontext Reference's latent, so there is no decode/encode round trip (and no compounding "
-                      "artifacts) between turns. The previews only show each turn.")
+                      "artifacts) between turns. The previews only show each turn.\n\n" + CHAIN_TIP)
     model, clip, vae = _common(g, note)
     _latent_chain(g, model, clip, vae,
                   ["Make it a snowy winter evening. Keep the subject unchanged.",
@@ -475,8 +488,8 @@ GGUF_NOTE_EXTRA = (
     "Q8_0 is close to the bf16 original; Q5_K_M or Q4_K_M for 8-12 GB GPUs; Q3_K / Q2_K only when nothing else "
     "fits. Low VRAM: the transformer stays quantized in memory and each layer is dequantized when it runs; "
     "ComfyUI loads what fits and streams the rest. Two edits in a row stay in latent space: turn 1's LATENT is "
-    "turn 2's reference, nothing is decoded and re-encoded in between (turn 1 is only previewed). "
-    "LoraLoaderModelOnly can go between the loader and the samplers; the LoRA is applied at use.")
+    "turn 2's reference, nothing is decoded and re-encoded in between (turn 1 is only previewed), and "
+    "Kontext Keep Unchanged keeps the original wherever neither turn edited. LoraLoaderModelOnly can go between the loader and the samplers; the LoRA is applied at use.")
 
 
 def low_vram_gguf_chain() -> Graph:

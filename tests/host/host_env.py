@@ -24,7 +24,11 @@ def _env() -> dict:
     return env
 
 
-def run_driver(assets, jobs: list[dict], timeout: int = 900) -> dict:
+# All jobs run in one ComfyUI process: ~3-9 min on 2 free cores; a busy machine needs longer (override in seconds).
+DRIVER_TIMEOUT = int(os.environ.get("KONTEXT_HOST_TIMEOUT", "2400"))
+
+
+def run_driver(assets, jobs: list[dict], timeout: int = DRIVER_TIMEOUT) -> dict:
     work = assets.base / "driver"
     work.mkdir(exist_ok=True)
     jobs_path, out_path = work / "jobs.json", work / "results.json"
@@ -126,7 +130,20 @@ def to_model_space(raw):
     return (raw.float() - SHIFT) * SCALE
 
 
+# Development aid: KONTEXT_HOST_JOBS="tiny_anchored,wf:edit_chain" runs only the jobs whose names start so; the
+# tests needing other jobs are skipped. Unset (CI, closing runs): every job runs.
+JOB_FILTER = tuple(p for p in os.environ.get("KONTEXT_HOST_JOBS", "").split(",") if p)
+
+
+def select_jobs(jobs: list[dict]) -> list[dict]:
+    return [j for j in jobs if not JOB_FILTER or j["name"].startswith(JOB_FILTER)]
+
+
 def job(driver, name: str) -> dict:
+    if name not in driver["results"] and JOB_FILTER:
+        import pytest
+
+        pytest.skip(f"job {name} not selected by KONTEXT_HOST_JOBS")
     r = driver["results"][name]
     assert "driver_error" not in r, r["driver_error"]
     return r

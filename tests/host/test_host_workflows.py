@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import host_assets as A
 import host_workflows as W
-from host_env import job, ok, run_driver, to_model_space
+from host_env import job, ok, run_driver, select_jobs, to_model_space
 from kontext_core.conditioning import load_embeddings
 from kontext_core.images import nearest_bucket
 from kontext_core.pipeline import sample
@@ -101,6 +101,38 @@ def tiny_edit_job(kind: str) -> dict:
     return api
 
 
+ANCHORED_TURNS = ("recolour", "add")  # edits of the anchored Kontext-Tiny chain (TINY_SCENE_SEED's scene)
+
+
+def tiny_anchored_chain_job() -> dict:
+    """The shipped Kontext-Tiny workflow continued for a second turn, both turns through Kontext Keep Unchanged
+    (turn 1 from the scene, turn 2 from turn 1's chain), each sampler's latent saved."""
+    from kontext_core.tiny.edits import scene_triple
+
+    api = W.load_api("kontext_tiny")
+    scene, loader = W.find(api, "KontextNativeTinyScene")[0], W.find(api, "KontextNativeTinyLoader")[0]
+    api[scene]["inputs"].update(seed=TINY_SCENE_SEED, edit_type=ANCHORED_TURNS[0])
+    api[W.find(api, "KontextNativeTinyPrompt")[0]]["inputs"]["text"] = scene_triple(TINY_SCENE_SEED, ANCHORED_TURNS[0]).instruction
+    s1 = W.find(api, "KontextNativeSampler")[0]
+    keep1 = W.add_node(api, "KontextNativeKeepUnchanged", {"samples": [s1, 0], "vae": [loader, 1], "image": [scene, 0],
+                                                          "estimator": "pixels", "threshold": 0.0, "feather": 2,
+                                                          "colour_match": True})
+    api[W.find(api, "SaveImage")[0]]["inputs"]["images"] = [keep1, 1]
+    text2 = W.add_node(api, "KontextNativeTinyPrompt", {"text_encoder": [loader, 2],
+                                                       "text": scene_triple(TINY_SCENE_SEED, ANCHORED_TURNS[1]).instruction})
+    ref2 = W.add_node(api, "KontextNativeReferenceEncoder", {"conditioning": [text2, 0], "latent": [keep1, 0],
+                                                            "layout": "offset"})
+    s2 = W.add_node(api, "KontextNativeSampler", {**api[s1]["inputs"], "positive": [ref2, 0], "seed": 1})
+    keep2 = W.add_node(api, "KontextNativeKeepUnchanged", {**api[keep1]["inputs"], "samples": [s2, 0],
+                                                          "previous": [keep1, 0]})
+    del api[keep2]["inputs"]["image"]
+    W.add_node(api, "SaveImage", {"images": [keep2, 1], "filename_prefix": "anchored/turn2"})
+    for k, keep in enumerate((keep1, keep2)):
+        as_image = W.add_node(api, "MaskToImage", {"mask": [keep, 2]})
+        W.add_node(api, "SaveImage", {"images": [as_image, 0], "filename_prefix": f"anchored/mask{k + 1}"})
+    return W.with_saved_latents(api, "anchored")
+
+
 def build_jobs() -> list[dict]:
     jobs = [{"name": f"wf:{n}", "prompt": tiny(n)} for n in W.workflow_names()]
     jobs += [
@@ -125,6 +157,7 @@ def build_jobs() -> list[dict]:
         {"name": "vram_plan", "prompt": vram_plan_job()},
     ]
     jobs += [{"name": f"tiny:{kind}", "prompt": tiny_edit_job(kind)} for kind in TINY_KINDS]
+    jobs.append({"name": "tiny_anchored_chain", "prompt": tiny_anchored_chain_job()})
     for layout in ("comfy", "fp8", "diffusers", "scaled_fp8"):
         jobs.append({"name": f"layout_{layout}", "prompt": W.with_saved_latents(
             tiny("single_edit", A.__dict__["MODEL_" + layout.upper()]), f"layout_{layout}")})
@@ -135,7 +168,7 @@ def build_jobs() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def driver(host_assets):
-    jobs = build_jobs()
+    jobs = select_jobs(build_jobs())
     results = run_driver(host_assets, jobs)
     return {"jobs": {j["name"]: j["prompt"] for j in jobs}, "results": results["jobs"], "boot": results["boot"],
             "base": host_assets.base, "log": results["log"]}
@@ -175,7 +208,8 @@ def test_pack_loads_with_all_nodes(driver):
     assert driver["boot"]["our_nodes"] == sorted([
         "KontextNativeModelLoader", "KontextNativeGGUFLoader", "KontextNativeImageBucket", "KontextNativeReferenceEncoder",
         "KontextNativeSampler", "KontextNativeSaveConditioning", "KontextNativeLoadConditioning",
-        "KontextNativeVRAMPlan", "KontextNativeTinyLoader", "KontextNativeTinyPrompt", "KontextNativeTinyScene"])
+        "KontextNativeVRAMPlan", "KontextNativeTinyLoader", "KontextNativeTinyPrompt", "KontextNativeTinyScene",
+        "KontextNativeKeepUnchanged"])
 
 
 EXAMPLE = A.IMAGES["example.png"]  # placeholder images are used at their own size ('keep', see host_workflows)
@@ -212,9 +246,10 @@ def test_edit_chain_stays_in_latent_space(driver):
     prompt = driver["jobs"]["wf:edit_chain_3_turns"]
     samplers = W.find(prompt, "KontextNativeSampler")
     refs = W.find(prompt, "KontextNativeReferenceEncoder")
-    assert len(samplers) == 3 and len(refs) == 3
-    # turns 2 and 3 take the previous sampler's LATENT directly (no VAE in between)
-    for ref, prev in zip(refs[1:], samplers[:-1]):
+    keeps = W.find(prompt, "KontextNativeKeepUnchanged")
+    assert len(samplers) == 3 and len(refs) == 3 and len(keeps) == 3
+    # turns 2 and 3 take the previous turn's anchored LATENT directly (no VAE in between)
+    for ref, prev in zip(refs[1:], keeps[:-1]):
         assert prompt[ref]["inputs"]["latent"] == [prev, 0] and "image" not in prompt[ref]["inputs"]
     ok(driver, "wf:edit_chain_3_turns")
 
@@ -223,12 +258,55 @@ def test_gguf_chain_stays_in_latent_space(driver):
     prompt = driver["jobs"]["wf:low_vram_gguf_chain"]
     samplers = W.find(prompt, "KontextNativeSampler")
     refs = W.find(prompt, "KontextNativeReferenceEncoder")
+    keeps = W.find(prompt, "KontextNativeKeepUnchanged")
     loader = W.find(prompt, "KontextNativeGGUFLoader")
-    assert len(samplers) == 2 and len(refs) == 2 and len(loader) == 1
-    assert prompt[refs[1]]["inputs"]["latent"] == [samplers[0], 0] and "image" not in prompt[refs[1]]["inputs"]
+    assert len(samplers) == 2 and len(refs) == 2 and len(loader) == 1 and len(keeps) == 2
+    assert prompt[refs[1]]["inputs"]["latent"] == [keeps[0], 0] and "image" not in prompt[refs[1]]["inputs"]
     assert all(prompt[s]["inputs"]["model"] == [loader[0], 0] for s in samplers)
     r = ok(driver, "wf:low_vram_gguf_chain")
     assert [f["model_class"] for f in r["lowvram"]["loads"]] == ["KontextNativeGGUFFlux"] * 2
+
+
+def test_anchored_chain_in_comfyui_equals_the_engines_chain(driver):
+    """Two Kontext-Tiny turns through Kontext Keep Unchanged in ComfyUI (core VAE object around the engine AE)
+    give the images the engine's EditChain gives on the same sampler outputs, and every pixel outside the mask
+    the chain reports is the scene's own."""
+    import numpy as np
+
+    from kontext_core import tiny
+    from kontext_core.chain import EditChain, dilate
+    from kontext_core.images import tensor_to_uint8
+    from kontext_core.tiny.edits import scene_triple
+    from kontext_core.tiny.scene import render
+
+    name = "tiny_anchored_chain"
+    ok(driver, name)
+    prompt = driver["jobs"][name]
+    s1, s2 = W.find(prompt, "KontextNativeSampler")
+    saves = [saved(driver, name, nid, "images")[0] for nid in W.find(prompt, "SaveImage")]
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in saves if "mask" not in p.name]
+    masks = [np.asarray(Image.open(p).convert("L")) > 127 for p in saves if "mask" in p.name]
+    assert len(images) == len(masks) == 2
+    scene = render(scene_triple(TINY_SCENE_SEED, ANCHORED_TURNS[0]).context).image      # (H, W, 3) uint8
+    models = tiny.load()
+    pixels = torch.from_numpy(scene).permute(2, 0, 1)[None].float() / 127.5 - 1
+    chain = EditChain.from_pixels(models.ae, pixels)
+    near = lambda m, r: dilate(torch.from_numpy(m)[None, None], r)[0, 0].numpy()
+    for nid, got, mask in zip((s1, s2), images, masks):
+        chain.step(to_model_space(saved_latent(driver, name, f"out_{nid}")))
+        want = tensor_to_uint8(chain.decode())[0]
+        union = chain.union[0, 0].numpy()
+        # the change threshold is a hard cut: float noise between the two decoders may flip a pixel lying on it
+        flipped = mask != union
+        assert flipped.mean() < 0.005 and union.any() and not union.all()
+        same = ~near(flipped, chain.feather_px + 1)
+        assert np.abs(got.astype(int) - want)[same].max() <= 2
+        # beyond the feathered seam of the node's own mask, the picture is the scene (SaveImage truncates x * 255:
+        # at most one level below) — and so is the engine's beyond its union's seam, exactly
+        kept = ~near(mask, chain.feather_px)
+        assert kept.any() and np.abs(got[kept].astype(int) - scene[kept]).max() <= 1
+        kept = ~near(union, chain.feather_px)
+        assert np.array_equal(want[kept], scene[kept])
 
 
 def _engine_run(driver, name: str, cond_file: str, negative_file: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -93,3 +93,29 @@ def test_missing_weights_say_how_to_get_them(tmp_path):
 
     with pytest.raises(CheckpointError, match="kontext_core.tiny.train"):
         tiny.load(tmp_path)
+
+
+def test_cli_chain_anchored_turns_keep_the_original_outside_the_edits(tmp_path, capsys, models):
+    """`chain`: one PNG per turn; in anchored mode every pixel beyond the reported edited region (and its
+    feathered seam) is the input's own, and the turns equal the engine's EditChain on the same seeds."""
+    from kontext_core.chain import EditChain, FEATHER, dilate
+    from kontext_core.images import tensor_to_uint8
+
+    t = demo_triples(2)[1]
+    scene = render(t.context).image
+    src = tmp_path / "scene.png"
+    Image.fromarray(scene).save(src)
+    prompts = [t.instruction, "make the background teal"]
+    args = ["chain", str(src), "--out", str(tmp_path / "c"), "--steps", "4"]
+    assert cli(args + sum((["--prompt", p] for p in prompts), [])) == 0
+    assert "% of the pixels are the original's" in capsys.readouterr().out
+    chain = EditChain.from_pixels(models.ae, torch.from_numpy(scene).permute(2, 0, 1)[None].float() / 127.5 - 1)
+    for k, p in enumerate(prompts):
+        got = np.asarray(Image.open(tmp_path / "c" / f"turn_{k + 1:02d}.png").convert("RGB"))
+        chain.step(models.edit(latent=chain.context, prompt=p, steps=4, seed=k, decode=False).latent)
+        assert np.array_equal(got, tensor_to_uint8(chain.decode())[0])
+        kept = ~dilate(chain.union, FEATHER)[0, 0].numpy()
+        assert np.array_equal(got[kept], scene[kept]) and (kept.any() or k > 0)
+    assert cli(["chain", str(src)]) == 1 and "--prompt" in capsys.readouterr().err
+    assert cli(["chain", str(src), "--prompt", "x", "--transformer", "t.safetensors"]) == 1
+    assert "--embeds" in capsys.readouterr().err

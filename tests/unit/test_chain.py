@@ -199,3 +199,86 @@ def test_np_helpers_shift_and_keep_masks():
         assert not (keeps[k] & region).any()
         if k:
             assert not (keeps[k] & ~keeps[k - 1]).any()   # what is kept only shrinks
+
+
+# ------------------------------------------------------------------------------ the node graph's chain (nodes/chain_logic)
+class HostVAE:
+    """A ComfyUI-style VAE (images (B, H, W, 3) in [0, 1]) around BlockAE; counts its calls."""
+
+    def __init__(self):
+        self.ae, self.calls = BlockAE(), []
+
+    def encode(self, images):
+        self.calls.append("encode")
+        return self.ae.encode(images.movedim(-1, 1) * 2 - 1)
+
+    def decode(self, latent):
+        self.calls.append("decode")
+        return (self.ae.decode(latent).movedim(1, -1) + 1) / 2
+
+
+def _edit_cell(latent, cell, value):
+    out = latent.clone()
+    out[:, :3, cell[0], cell[1]] = value
+    return out
+
+
+def test_keep_unchanged_node_chain_continues_from_previous_without_touching_it():
+    from nodes import chain_logic as cl
+
+    vae = HostVAE()
+    original = (blocky_image(1, 16, 16, seed=3) + 1) / 2          # (1, 3, 16, 16) in [0, 1]
+    image = original.movedim(1, -1)
+    anchor_latent = vae.encode(image)
+    turn1 = _edit_cell(anchor_latent, (0, 0), 0.9)
+    latent1, pixels1, mask1 = cl.keep_unchanged({"samples": turn1}, vae, image=image, feather=0)
+    assert mask1.shape == (1, 16, 16) and mask1[0, :4, :4].all()
+    assert torch.allclose(pixels1.movedim(-1, 1)[..., 8:, 8:], original[..., 8:, 8:], atol=1e-6)
+    assert torch.equal(latent1["samples"], turn1)  # the untouched cells already equal the anchor's
+
+    # turn 2 re-generates everything slightly differently (drift) and edits the opposite corner
+    drifted = latent1["samples"] + 0.02
+    turn2 = _edit_cell(drifted, (3, 3), -0.9)
+    state_before = latent1[cl.CHAIN_KEY].union.clone(), latent1[cl.CHAIN_KEY].canvas.clone()
+    latent2, pixels2, mask2 = cl.keep_unchanged({"samples": turn2}, vae, previous=latent1, feather=0)
+    again = cl.keep_unchanged({"samples": turn2}, vae, previous=latent1, feather=0)
+    assert torch.equal(latent1[cl.CHAIN_KEY].union, state_before[0])       # the input chain was not stepped
+    assert torch.equal(latent1[cl.CHAIN_KEY].canvas, state_before[1])
+    assert torch.equal(again[1], pixels2)                                   # re-running a turn is repeatable
+    assert mask2[0, :4, :4].all() and mask2[0, 12:, 12:].all() and not mask2[0, 6:10, 6:10].any()
+    # the drift never reaches the canvas or the picture outside the two edited corners (cell (2, 2) borders the
+    # grown edit of cell (3, 3), so the canvas takes it from turn 2)
+    assert torch.equal(latent2["samples"][..., 1, 1:3], anchor_latent[..., 1, 1:3])
+    assert torch.allclose(pixels2.movedim(-1, 1)[..., 6:10, 6:10], original[..., 6:10, 6:10], atol=1e-6)
+    assert torch.allclose(latent2["samples"][:, :3, 3, 3], torch.full((1, 3), -0.9))
+
+
+def test_keep_unchanged_node_errors():
+    from nodes import chain_logic as cl
+
+    vae = HostVAE()
+    image = ((blocky_image(1, 16, 16) + 1) / 2).movedim(1, -1)
+    lat = {"samples": vae.encode(image)}
+    with pytest.raises(InputError, match="exactly one of"):
+        cl.keep_unchanged(lat, vae)
+    with pytest.raises(InputError, match="exactly one of"):
+        cl.keep_unchanged(lat, vae, image=image, previous=lat)
+    with pytest.raises(InputError, match="without a chain"):
+        cl.keep_unchanged(lat, vae, previous=lat)
+    with pytest.raises(InputError, match="estimator"):
+        cl.keep_unchanged(lat, vae, image=image, estimator="magic")
+    first, _, _ = cl.keep_unchanged(lat, vae, image=image)
+    with pytest.raises(InputError, match="does not match"):
+        cl.keep_unchanged({"samples": torch.zeros(1, 16, 8, 8)}, vae, previous=first)
+
+
+def test_fork_copies_state_and_checks_settings():
+    ae = BlockAE()
+    chain = kc.EditChain.from_pixels(ae, blocky_image(1))
+    other = chain.fork(threshold=5.0)
+    other.step(_edit_cell(chain.context, (1, 1), 0.5))
+    assert not chain.union.any() and other.union.any() and chain.threshold is None
+    with pytest.raises(TypeError):
+        chain.fork(colour=False)
+    with pytest.raises(InputError):
+        chain.fork(estimator="magic")

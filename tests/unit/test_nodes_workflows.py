@@ -17,7 +17,7 @@ NAMES = sorted(p.name[:-len(".api.json")] for p in API.glob("*.api.json"))
 OUR_NODES = {"KontextNativeModelLoader", "KontextNativeImageBucket", "KontextNativeReferenceEncoder",
              "KontextNativeSampler", "KontextNativeSaveConditioning", "KontextNativeLoadConditioning",
              "KontextNativeGGUFLoader", "KontextNativeVRAMPlan", "KontextNativeTinyLoader",
-             "KontextNativeTinyPrompt", "KontextNativeTinyScene"}
+             "KontextNativeTinyPrompt", "KontextNativeTinyScene", "KontextNativeKeepUnchanged"}
 BUNDLED = {"kontext_tiny"}  # runs the bundled Kontext-Tiny: nothing to download, its own step count
 
 
@@ -172,16 +172,24 @@ def test_official_graph_only_swaps_the_loader():
     assert model["model_name"] == "flux1-dev-kontext_fp8_scaled.safetensors"
 
 
-def test_chain_stays_in_latent_space():
-    api = _api("edit_chain_3_turns")
-    samplers = sorted((k for k, n in api.items() if n["class_type"] == "KontextNativeSampler"), key=int)
-    refs = [n for n in api.values() if n["class_type"] == "KontextNativeReferenceEncoder"]
-    assert len(samplers) == 3
-    fed = [r["inputs"]["latent"][0] for r in refs if "latent" in r["inputs"]]
-    assert fed == samplers[:2]
-    assert all(api[s]["inputs"]["positive"][0] in {k for k, n in api.items()
-                                                  if n["class_type"] == "KontextNativeReferenceEncoder"}
-               for s in samplers)
+@pytest.mark.parametrize("name", ["edit_chain_3_turns", "low_vram_gguf_chain"])
+def test_chains_stay_in_latent_space_and_are_anchored(name):
+    """Every turn's context is the previous turn's Keep Unchanged LATENT (no decode/encode between turns), each Keep
+    Unchanged continues the previous one's chain (the first starts from the bucketed original) and takes its own
+    turn's sampler output; the images shown are Keep Unchanged's, never a plain decode."""
+    api = _api(name)
+    of = lambda t: sorted((k for k, n in api.items() if n["class_type"] == t), key=int)
+    samplers, keeps, refs = of("KontextNativeSampler"), of("KontextNativeKeepUnchanged"), of("KontextNativeReferenceEncoder")
+    assert len(samplers) == len(keeps) == len(refs) >= 2
+    assert "latent" not in api[refs[0]]["inputs"]
+    assert [api[r]["inputs"]["latent"] for r in refs[1:]] == [[k, 0] for k in keeps[:-1]]
+    assert api[keeps[0]]["inputs"]["image"][0] == of("KontextNativeImageBucket")[0]
+    assert [api[k]["inputs"].get("previous") for k in keeps[1:]] == [[k, 0] for k in keeps[:-1]]
+    assert [api[k]["inputs"]["samples"] for k in keeps] == [[s, 0] for s in samplers]
+    assert [api[s]["inputs"]["positive"] for s in samplers] == [[r, 0] for r in refs]
+    assert not of("VAEDecode") and not of("VAEEncode")
+    shown = [n["inputs"]["images"][0] for n in api.values() if n["class_type"] in ("PreviewImage", "SaveImage")]
+    assert shown == keeps
 
 
 def test_pack_root_defines_nothing_outside_comfyui():
