@@ -190,7 +190,7 @@ def main(argv=None) -> int:
         copy = Path(tmp)
         copy_checkout(copy, args.ref)
         if args.baseline:
-            every = sorted({t for m in chosen for t in (args.tests or m.tests) if (copy / t).exists()})
+            every = sorted({t for m in chosen for t in (args.tests or m.tests) if (copy / t.split("::")[0]).exists()})
             ok, summary = run_tests(copy, every, args.timeout)
             print(f"baseline: {'passes' if ok else 'FAILS'}: {summary}", flush=True)
             if not ok:
@@ -199,7 +199,7 @@ def main(argv=None) -> int:
             target = copy / m.path
             original = target.read_text()
             target.write_text(plant(original, m))
-            tests = [t for t in (args.tests or m.tests) if (copy / t).exists()]
+            tests = [t for t in (args.tests or m.tests) if (copy / t.split("::")[0]).exists()]
             t0 = time.perf_counter()
             try:
                 ok, summary = run_tests(copy, tests, args.timeout)
