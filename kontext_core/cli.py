@@ -9,7 +9,7 @@ import sys
 from collections import Counter
 
 from .errors import InputError, KontextError
-from .memory import T5_STORAGES, footprint, human_bytes
+from .memory import T5_STORAGES, activation_bytes, human_bytes, largest_layer_bytes, tokens_for
 
 # What a command may raise for a bad file or argument: reported as one line, never as a traceback.
 USER_ERRORS = (KontextError, OSError, ValueError, MemoryError)
@@ -43,7 +43,7 @@ def describe_transformer(path: str) -> list[str]:
             n *= d
         n_params += n
     stored = sum(int(t.nbytes) for t in ck.tensors.values())
-    fp = footprint(p, stored)
+    _, n_tokens = tokens_for(1024, 1024, refs=1)  # the planner's memory model, for one typical edit
     kind = "FLUX transformer" + (" (guidance-distilled, Kontext/dev style)" if p.guidance_embed else " (no guidance embed)")
     lines = [
         f"{path}",
@@ -55,8 +55,9 @@ def describe_transformer(path: str) -> list[str]:
         f"  parameters   {n_params:,} in {len(ck.tensors)} tensors",
         f"  storage      {_dtype_summary(ck.qtypes, ck.tensors)}",
         f"  file size    {human_bytes(ck.file_size)}",
-        f"  memory       weights {human_bytes(fp.weights)} resident; + largest layer upcast {human_bytes(fp.largest_layer)}; "
-        f"+ activations ≈ {human_bytes(fp.activations)} for 1024x1024 with one reference ({fp.n_tokens} tokens, bf16)",
+        f"  memory       weights {human_bytes(stored)} resident; + largest layer upcast "
+        f"{human_bytes(largest_layer_bytes(p))}; + activations ≈ {human_bytes(activation_bytes(p, n_tokens))} for "
+        f"1024x1024 with one reference ({n_tokens} tokens, bf16)",
     ]
     return lines
 
