@@ -16,7 +16,8 @@ Each quantized weight gets a per-tensor scale `amax(|w|) / fp8_max`, stored as `
 scheme), so the full fp8 range is used whatever the weight's magnitude — much closer to the original than a plain
 `.to(fp8)` cast, which flushes small weights to zero. Weights that are already fp8 in the requested format are
 kept as they are (never requantized); fp8 weights of the other format are dequantized and requantized.
-Work is done tensor by tensor and in row chunks, so the extra memory is one fp8 tensor plus one chunk.
+Work is done tensor by tensor and in chunks of the flattened tensor (`_CHUNK_ELEMENTS`), so the extra memory is one
+fp8 tensor plus one chunk.
 """
 
 from __future__ import annotations
