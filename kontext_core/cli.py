@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections import Counter
@@ -36,12 +37,7 @@ def describe_transformer(path: str) -> list[str]:
     ck = read_transformer(path)
     p = resolve_params(ck)
     validate_checkpoint(ck, p)  # family (Fill/Depth/Canny are refused), keys, shapes, storage types
-    n_params = 0
-    for t in ck.tensors.values():
-        n = 1
-        for d in shape_of(t):
-            n *= d
-        n_params += n
+    n_params = sum(math.prod(shape_of(t)) for t in ck.tensors.values())
     stored = sum(int(t.nbytes) for t in ck.tensors.values())
     _, n_tokens = tokens_for(1024, 1024, refs=1)  # the planner's memory model, for one typical edit
     kind = "FLUX transformer" + (" (guidance-distilled, Kontext/dev style)" if p.guidance_embed else " (no guidance embed)")
@@ -127,7 +123,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .quant.gguf_quantize import convert_to_gguf
+    from .weights.gguf_convert import convert_to_gguf
 
     def progress(i, n, name):
         print(f"  [{i}/{n}] {name}", end="\r", flush=True)
