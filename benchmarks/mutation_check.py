@@ -156,17 +156,17 @@ def plant(text: str, m: Mutant) -> str:
     return text[:start] + m.new + text[start + len(m.old):]
 
 
-def run_tests(copy: Path, tests: list[str], timeout: float) -> tuple[bool, str]:
-    """(tests passed, last summary line)."""
+def run_tests(copy: Path, tests: list[str], timeout: float) -> tuple[str, str]:
+    """(verdict: "passed" | "failed" | "timeout", last summary line)."""
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     env.pop("COMFYUI_PATH", None)
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-o", "addopts=", *tests]
     try:
         r = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return False, f"timed out after {timeout:.0f} s (counted as caught)"
+        return "timeout", f"timed out after {timeout:.0f} s (neither caught nor survived)"
     lines = [ln for ln in r.stdout.strip().splitlines() if ln.strip()]
-    return r.returncode == 0, (lines[-1] if lines else r.stderr.strip()[-200:])
+    return ("passed" if r.returncode == 0 else "failed"), (lines[-1] if lines else r.stderr.strip()[-200:])
 
 
 def main(argv=None) -> int:
@@ -185,34 +185,38 @@ def main(argv=None) -> int:
         for m in chosen:
             print(f"{m.name:30s} {m.path}: {m.what}")
         return 0
-    survived = []
+    survived, timed_out = [], []
     with tempfile.TemporaryDirectory(prefix="kontext-mutants-") as tmp:
         copy = Path(tmp)
         copy_checkout(copy, args.ref)
         if args.baseline:
             every = sorted({t for m in chosen for t in (args.tests or m.tests) if (copy / t.split("::")[0]).exists()})
-            ok, summary = run_tests(copy, every, args.timeout)
-            print(f"baseline: {'passes' if ok else 'FAILS'}: {summary}", flush=True)
-            if not ok:
-                raise SystemExit("the unmutated tests fail; fix them before a mutation check")
+            verdict, summary = run_tests(copy, every, args.timeout)
+            print(f"baseline: {verdict}: {summary}", flush=True)
+            if verdict != "passed":
+                raise SystemExit("the unmutated tests do not pass; fix them before a mutation check")
         for m in chosen:
             target = copy / m.path
             original = target.read_text()
-            target.write_text(plant(original, m))
             tests = [t for t in (args.tests or m.tests) if (copy / t.split("::")[0]).exists()]
+            target.write_text(plant(original, m))
             t0 = time.perf_counter()
-            try:
-                ok, summary = run_tests(copy, tests, args.timeout)
+            try:  # no test file (e.g. --ref with a commit that has none of this mutant's files): it survives
+                verdict, summary = run_tests(copy, tests, args.timeout) if tests else ("passed", "no test file")
             finally:
                 target.write_text(original)
-            verdict = "SURVIVED" if ok else "caught"
-            if ok:
+            label = {"passed": "SURVIVED", "failed": "caught", "timeout": "TIMEOUT"}[verdict]
+            if verdict == "passed":
                 survived.append(m.name)
-            print(f"{verdict:8s} {m.name:30s} {time.perf_counter() - t0:5.0f} s  {summary}  [{' '.join(tests)}]",
+            elif verdict == "timeout":
+                timed_out.append(m.name)
+            print(f"{label:8s} {m.name:30s} {time.perf_counter() - t0:5.0f} s  {summary}  [{' '.join(tests)}]",
                   flush=True)
     n = len(chosen)
-    print(f"mutation check: {n} planted, {n - len(survived)} caught, {len(survived)} survived"
-          + (f" ({', '.join(survived)})" if survived else ""))
+    caught = n - len(survived) - len(timed_out)
+    print(f"mutation check: {n} planted, {caught} caught, {len(survived)} survived"
+          + (f" ({', '.join(survived)})" if survived else "")
+          + (f", {len(timed_out)} timed out ({', '.join(timed_out)})" if timed_out else ""))
     return 0
 
 

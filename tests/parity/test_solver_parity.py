@@ -84,7 +84,7 @@ def test_solver_matches_diffusers_scheduler(solver, schedule):
     start = state_at(float(sigmas[0]))
     ours = get_solver(solver)(velocity, start.clone(), sigmas)
     ref = REFERENCES[solver](sigmas, start)
-    # Both integrate in fp64 on the same fp32 sigmas; DPM++ 2M takes its log-SNR steps in fp32 (observed ~1e-6).
+    # Same fp32 sigmas; diffusers' schedulers step in fp32 (observed max |diff| 3.4e-7 .. 1.2e-6).
     assert (ours - ref).abs().max().item() < 1e-5
     # The comparison is sharp: the result is far from the other solvers' results on the same steps.
     others = [get_solver(n)(velocity, start.clone(), sigmas) for n in REFERENCES if n != solver]
