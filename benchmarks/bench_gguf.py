@@ -31,7 +31,8 @@ sys.path.insert(0, ROOT)
 from kontext_core import tokens as tok  # noqa: E402
 from kontext_core.model.flux import Flux, FluxParams  # noqa: E402
 from kontext_core.quant.gguf_dequant import block_info, nbytes_for  # noqa: E402
-from kontext_core.quant.gguf_quantize import choose_qtype, convert_to_gguf  # noqa: E402
+from kontext_core.quant.gguf_quantize import choose_qtype  # noqa: E402
+from kontext_core.weights.gguf_convert import convert_to_gguf  # noqa: E402
 from kontext_core.weights.gguf_file import write_gguf  # noqa: E402
 from kontext_core.weights.loader import load_transformer  # noqa: E402
 

@@ -31,9 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.eval_tiny import eval_triples  # noqa: E402
 from kontext_core.quant.gguf_dequant import dequantize  # noqa: E402
 from kontext_core.quant.gguf_quantize import (GGML_QUANT_SIZES, KEEP_16BIT_PREFIXES, TARGETS, _SENSITIVE,  # noqa: E402
-                                              convert_to_gguf, quantize_tensor)
+                                              quantize_tensor)
 from kontext_core.tiny import KontextTiny, load_ae_and_text_encoder, weight_paths  # noqa: E402
 from kontext_core.tiny.evaluate import edit_triples, psnr, score, summarize  # noqa: E402
+from kontext_core.weights.gguf_convert import convert_to_gguf  # noqa: E402
 from kontext_core.weights.loader import load_transformer, read_transformer  # noqa: E402
 from kontext_core.weights.safetensors_io import load_state_dict  # noqa: E402
 

@@ -5,12 +5,13 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections import Counter
 
 from .errors import InputError, KontextError
-from .memory import T5_STORAGES, footprint, human_bytes
+from .memory import T5_STORAGES, activation_bytes, human_bytes, largest_layer_bytes, tokens_for
 
 # What a command may raise for a bad file or argument: reported as one line, never as a traceback.
 USER_ERRORS = (KontextError, OSError, ValueError, MemoryError)
@@ -37,14 +38,9 @@ def describe_transformer(path: str) -> list[str]:
     ck = read_transformer(path)
     p = resolve_params(ck)
     validate_checkpoint(ck, p)  # family (Fill/Depth/Canny are refused), keys, shapes, storage types
-    n_params = 0
-    for t in ck.tensors.values():
-        n = 1
-        for d in shape_of(t):
-            n *= d
-        n_params += n
+    n_params = sum(math.prod(shape_of(t)) for t in ck.tensors.values())
     stored = sum(int(t.nbytes) for t in ck.tensors.values())
-    fp = footprint(p, stored)
+    _, n_tokens = tokens_for(1024, 1024, refs=1)  # the planner's memory model, for one typical edit
     kind = "FLUX transformer" + (" (guidance-distilled, Kontext/dev style)" if p.guidance_embed else " (no guidance embed)")
     lines = [
         f"{path}",
@@ -56,8 +52,9 @@ def describe_transformer(path: str) -> list[str]:
         f"  parameters   {n_params:,} in {len(ck.tensors)} tensors",
         f"  storage      {_dtype_summary(ck.qtypes, ck.tensors)}",
         f"  file size    {human_bytes(ck.file_size)}",
-        f"  memory       weights {human_bytes(fp.weights)} resident; + largest layer upcast {human_bytes(fp.largest_layer)}; "
-        f"+ activations ≈ {human_bytes(fp.activations)} for 1024x1024 with one reference ({fp.n_tokens} tokens, bf16)",
+        f"  memory       weights {human_bytes(stored)} resident; + largest layer upcast "
+        f"{human_bytes(largest_layer_bytes(p))}; + activations ≈ {human_bytes(activation_bytes(p, n_tokens))} for "
+        f"1024x1024 with one reference ({n_tokens} tokens, bf16)",
     ]
     return lines
 
@@ -127,7 +124,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .quant.gguf_quantize import convert_to_gguf
+    from .weights.gguf_convert import convert_to_gguf
 
     def progress(i, n, name):
         print(f"  [{i}/{n}] {name}", end="\r", flush=True)

@@ -16,7 +16,7 @@ N² score matrix is counted. The sampler keeps a few latent-sized fp32 buffers, 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import lru_cache
 
 import torch
@@ -132,25 +132,6 @@ def text_encoder_bytes(t5: str) -> int:
         else:
             total += nbytes_for(t5, shape)
     return total + 2 * CLIP_L_PARAMS
-
-
-@dataclass
-class Footprint:
-    weights: int
-    largest_layer: int
-    activations: int
-    n_tokens: int
-
-    @property
-    def full_load(self) -> int:
-        return self.weights + self.largest_layer + self.activations
-
-
-def footprint(params: FluxParams, weight_bytes: int, width: int = 1024, height: int = 1024, refs: int = 1,
-              compute_dtype: torch.dtype = torch.bfloat16) -> Footprint:
-    _, n = tokens_for(width, height, refs)
-    return Footprint(weight_bytes, largest_layer_bytes(params, compute_dtype),
-                     activation_bytes(params, n, compute_dtype), n)
 
 
 def human_bytes(n: float) -> str:

@@ -207,9 +207,7 @@ class ResidencyPlan:
 
 @dataclass(eq=False)
 class _Streamed:
-    index: int  # position in the plan
-    name: str
-    module: nn.Module
+    name: str  # the block's name in the plan (shows in the repr)
     nbytes: int
     slots: list  # (container, key, original tensor, host tensor to copy from)
     copies: list | None = None  # device copies while loaded
@@ -362,7 +360,7 @@ def stream_model(model: nn.Module, device, budget_bytes: int, *, pin_memory: boo
 
     handle = StreamingHandle(model, device, plan, prefetch)
     pin = pin_memory and device.type == "cuda"
-    for i, (name, block, keep) in enumerate(zip(names, blocks, resident)):
+    for name, block, keep, nbytes in zip(names, blocks, resident, sizes):
         if keep:
             continue
         slots = []
@@ -371,7 +369,7 @@ def stream_model(model: nn.Module, device, budget_bytes: int, *, pin_memory: boo
             if pin and type(src) is torch.Tensor and not src.is_pinned():
                 src = src.pin_memory()
             slots.append((container, key, t, src))
-        st = _Streamed(i, name, block, sizes[i], slots)
+        st = _Streamed(name, nbytes, slots)
         st.hooks = [block.register_forward_pre_hook(handle._pre_hook(st)),
                     block.register_forward_hook(handle._post_hook(st))]
         handle._streamed.append(st)

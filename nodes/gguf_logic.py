@@ -16,6 +16,7 @@ from torch import Tensor
 
 from kontext_core.errors import CheckpointError
 from kontext_core.quant.ggml_tensor import GGMLTensor
+from kontext_core.weights.fp8 import COMPUTE_DTYPES as ENGINE_COMPUTE_DTYPES
 from kontext_core.weights.loader import Checkpoint, is_gguf, read_transformer
 
 from .logic import check_choice
@@ -24,14 +25,7 @@ GGUF_EXTENSIONS = (".gguf",)
 
 # Compute dtype of the dequantized weights and activations; "default" lets ComfyUI pick for the device
 # (bf16 on recent GPUs, fp16 on older ones, fp32 on CPU).
-COMPUTE_DTYPES: dict[str, torch.dtype | None] = {
-    "default": None,
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-    "fp32": torch.float32,
-}
-
-_FLOAT_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.float64: 8}
+COMPUTE_DTYPES: dict[str, torch.dtype | None] = {"default": None, **ENGINE_COMPUTE_DTYPES}
 
 
 def gguf_choices(files: Iterable[str]) -> list[str]:
@@ -109,6 +103,5 @@ def dequant_reserve_bytes(largest_numel: int, compute_dtype: torch.dtype, patche
     """Working memory beyond the stored bytes to run one layer: its dequantized weight in the compute dtype
     plus a float32 decode buffer, and, when LoRA patches are applied at use, a float32 copy of the weight and
     of its delta."""
-    size = _FLOAT_BYTES.get(compute_dtype, 4)
-    per_element = size + 4 + (8 if patched else 0)
+    per_element = compute_dtype.itemsize + 4 + (8 if patched else 0)
     return int(largest_numel) * per_element

@@ -21,8 +21,10 @@ from kontext_core import images as im
 from kontext_core import validation as val
 from kontext_core.errors import InputError
 from kontext_core.model.flux import FluxParams
+from kontext_core.model.ops import FP8_DTYPES
 from kontext_core.sampling import SOLVERS
 from kontext_core.tokens import REFERENCE_LAYOUTS
+from kontext_core.weights import fp8
 from kontext_core.weights.loader import Checkpoint, read_transformer, resolve_params, validate_checkpoint
 
 NODE_PREFIX = "KontextNative"
@@ -37,15 +39,8 @@ SOLVER_NAMES: tuple[str, ...] = tuple(SOLVERS)
 ENGINE_SCHEDULES: tuple[str, ...] = ("kontext", "kontext_unshifted")
 DEFAULT_SCHEDULE = "kontext"
 
-WEIGHT_DTYPES: dict[str, torch.dtype | None] = {
-    "default": None,
-    "fp32": torch.float32,
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-    "fp8_e4m3fn": torch.float8_e4m3fn,
-    "fp8_e5m2": torch.float8_e5m2,
-}
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+# "default" keeps the stored dtypes; the rest are the engine's conversions.
+WEIGHT_DTYPES: dict[str, torch.dtype | None] = {"default": None, **fp8.WEIGHT_DTYPES}
 
 
 def check_choice(value: str, choices: Sequence[str], what: str) -> str:

@@ -335,7 +335,7 @@ def _nan_transformer(f: Files) -> Path:
 def _nan_gguf(f: Files) -> Path:
     import gguf
 
-    from kontext_core.quant.gguf_quantize import convert_to_gguf
+    from kontext_core.weights.gguf_convert import convert_to_gguf
 
     out = f.dir / "nan-scale-Q8_0.gguf"
     convert_to_gguf(f.transformer(), out, "Q8_0")

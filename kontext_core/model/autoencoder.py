@@ -31,7 +31,6 @@ from ..errors import InputError
 
 @dataclass
 class AutoEncoderParams:
-    resolution: int = 256
     in_channels: int = 3
     ch: int = 128
     out_ch: int = 3

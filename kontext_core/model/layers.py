@@ -110,16 +110,25 @@ class DoubleStreamBlock(nn.Module):
         self.num_heads = num_heads
         self.attn_fn = attn_fn
         kw = dict(dtype=dtype, device=device)
-        for side in ("img", "txt"):
-            setattr(self, f"{side}_mod", Modulation(hidden_size, True, operations, **kw))
-            setattr(self, f"{side}_norm1", nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6))
-            setattr(self, f"{side}_attn", SelfAttention(hidden_size, num_heads, qkv_bias, operations, **kw))
-            setattr(self, f"{side}_norm2", nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6))
-            setattr(self, f"{side}_mlp", nn.Sequential(
-                operations.Linear(hidden_size, mlp_hidden, bias=True, **kw),
-                nn.GELU(approximate="tanh"),
-                operations.Linear(mlp_hidden, hidden_size, bias=True, **kw),
-            ))
+        def norm():
+            return nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+
+        def mlp():
+            return nn.Sequential(operations.Linear(hidden_size, mlp_hidden, bias=True, **kw),
+                                 nn.GELU(approximate="tanh"),
+                                 operations.Linear(mlp_hidden, hidden_size, bias=True, **kw))
+
+        # Image stream, then text stream, each in this order (the state_dict's order).
+        self.img_mod = Modulation(hidden_size, True, operations, **kw)
+        self.img_norm1 = norm()
+        self.img_attn = SelfAttention(hidden_size, num_heads, qkv_bias, operations, **kw)
+        self.img_norm2 = norm()
+        self.img_mlp = mlp()
+        self.txt_mod = Modulation(hidden_size, True, operations, **kw)
+        self.txt_norm1 = norm()
+        self.txt_attn = SelfAttention(hidden_size, num_heads, qkv_bias, operations, **kw)
+        self.txt_norm2 = norm()
+        self.txt_mlp = mlp()
 
     def _qkv(self, x: Tensor, mod: ModulationOut, norm: nn.Module, attn: SelfAttention):
         q, k, v = split_heads(attn.qkv(mod.apply(norm(x))), self.num_heads)

@@ -138,7 +138,7 @@ def estimate_tile_bytes(tile: int, params: AutoEncoderParams, dtype: torch.dtype
     it) is assumed.
     """
     f = params.downscale
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     widths = [params.ch * m for m in params.ch_mult]
     if mode == "decode":
         side = tile * f

@@ -148,17 +148,13 @@ def _buf(tag: str, shape, dtype: torch.dtype, device) -> torch.Tensor:
     ws = getattr(_TLS, "ws", None)
     if ws is None:
         return torch.empty(shape, dtype=dtype, device=device)
-    nbytes = math.prod(shape) * _ELEM_SIZE[dtype]
+    nbytes = math.prod(shape) * dtype.itemsize
     t = ws.get(tag)
     if t is None or t.numel() < nbytes:
         t = torch.empty(max(nbytes, 64), dtype=torch.uint8, device=device)
         ws[tag] = t
     return t[:nbytes].view(dtype).view(shape)
 
-
-_ELEM_SIZE = {dt: torch.empty((), dtype=dt).element_size() for dt in
-              (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16,
-               torch.float32)}
 
 def _f16(b: torch.Tensor, off: int) -> torch.Tensor:
     """fp16 field at byte offset `off` of each block -> (n, 1) float32 (exact)."""
@@ -504,7 +500,7 @@ def _supported_names() -> str:
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if device.type == "cpu":
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         if nbytes >= _NUMPY_ALLOC_MIN_BYTES:
             # numpy madvises large buffers for transparent huge pages; torch's CPU allocator only does so
             # when THP_MEM_ALLOC_ENABLE=1. The tensor owns the array, so its lifetime is the tensor's.

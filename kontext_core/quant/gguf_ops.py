@@ -62,8 +62,10 @@ class GGUFLinearMixin:
         self.bias_patches = []
 
     def reset_parameters(self):
-        # Weights always come from a checkpoint; random init of a 3072x12288 layer is wasted time.
-        return None
+        # The base Linear's own initialisation (torch's, or none for ComfyUI's ops), except on the meta device,
+        # where the loaders build the model before assigning the file's tensors: there is nothing to fill.
+        if self.weight.device.type != "meta":
+            super().reset_parameters()
 
     # ------------------------------------------------------------------------------------------- loading
     def _expected_shape(self, name: str):

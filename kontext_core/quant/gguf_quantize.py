@@ -39,14 +39,13 @@ K-quants beat the legacy types of equal size, the scale/min search lowers the er
 (Q5_K) and 9% (Q2_K) against a plain min/max fit, and the test suite
 (tests/unit/test_gguf_quantize.py) pins bounds ~10% above them.
 
-`choose_qtype(name, shape, target)` is the per-tensor policy and `convert_to_gguf(src, out, target)` the
-streaming converter (one tensor in memory at a time).
+`choose_qtype(name, shape, target)` is the per-tensor policy; the streaming converter that applies it to a file
+is `kontext_core.weights.gguf_convert.convert_to_gguf`.
 """
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -56,10 +55,10 @@ from gguf import GGMLQuantizationType as QT
 from gguf import LlamaFileType
 from gguf.constants import GGML_QUANT_SIZES
 
-from ..errors import CheckpointError, UnsupportedQuantError
+from ..errors import UnsupportedQuantError
 from .gguf_dequant import qtype_of
 
-__all__ = ["quantize", "quantize_tensor", "QUANTIZABLE", "TARGETS", "choose_qtype", "convert_to_gguf", "file_type_for"]
+__all__ = ["quantize", "quantize_tensor", "QUANTIZABLE", "TARGETS", "choose_qtype", "file_type_for"]
 
 _EPS = 1e-15  # GROUP_MAX_EPS in the reference
 # rows x cols float32 elements processed per step (bounds the temporaries of the K-quant searches)
@@ -469,7 +468,8 @@ KEEP_16BIT_PREFIXES = ("img_in.", "txt_in.", "time_in.", "vector_in.", "guidance
 _SENSITIVE = re.compile(r"^(double_blocks\.\d+\.(img|txt)_attn\.qkv|single_blocks\.\d+\.linear2)\.weight$")
 
 
-def _target_key(target: str) -> str:
+def target_key(target: str) -> str:
+    """The canonical name of a conversion target (case-insensitive); ValueError listing the targets if unknown."""
     key = str(target).upper()
     if key not in TARGETS:
         raise ValueError(f"unknown GGUF target '{target}'; choose one of {', '.join(TARGETS)}")
@@ -477,7 +477,7 @@ def _target_key(target: str) -> str:
 
 
 def file_type_for(target: str) -> int:
-    return int(_FILE_TYPES[_target_key(target)])
+    return int(_FILE_TYPES[target_key(target)])
 
 
 def choose_qtype(name: str, shape, target: str) -> QT:
@@ -487,7 +487,7 @@ def choose_qtype(name: str, shape, target: str) -> QT:
     the BF16 target); sensitive tensors -> the target's higher type; a row length that is not a multiple of
     the chosen type's block size -> F16 (BF16).
     """
-    key = _target_key(target)
+    key = target_key(target)
     base, high = TARGETS[key]
     half = QT.BF16 if key == "BF16" else QT.F16
     name = name[len("model.diffusion_model."):] if name.startswith("model.diffusion_model.") else name
@@ -502,68 +502,3 @@ def choose_qtype(name: str, shape, target: str) -> QT:
     if shape[-1] % GGML_QUANT_SIZES[q][0]:
         return half
     return q
-
-
-# ============================================================================================ conversion
-
-_SKIP_PREFIXES = ("vae.", "text_encoders.", "first_stage_model.", "cond_stage_model.", "conditioner.")
-
-
-def _select_keys(path: Path, keys) -> list[tuple[str, str]]:
-    keys = list(keys)
-    prefixed = [k for k in keys if k.startswith("model.diffusion_model.")]
-    if prefixed:
-        pairs = [(k, k[len("model.diffusion_model."):]) for k in prefixed]
-    else:
-        pairs = [(k, k) for k in keys if not k.startswith(_SKIP_PREFIXES)]
-    names = [n for _, n in pairs]
-    if not any(n.startswith(("double_blocks.", "single_blocks.")) for n in names) or "img_in.weight" not in names:
-        hint = ""
-        if any(".transformer_blocks." in n or n.startswith("transformer_blocks.") for n in names):
-            hint = " It looks like a diffusers-layout transformer; convert it to BFL keys first."
-        raise CheckpointError(
-            f"{path}: no FLUX transformer found (expected BFL keys such as img_in.weight, double_blocks.N.*, "
-            f"single_blocks.N.*, optionally under 'model.diffusion_model.').{hint}")
-    return pairs
-
-
-def convert_to_gguf(src_path, out_path, target: str, *, progress: Callable[[int, int, str], None] | None = None,
-                    device=None) -> Path:
-    """Convert a BFL-keyed FLUX/Kontext safetensors transformer to GGUF, one tensor in memory at a time.
-
-    `target` is one of TARGETS (e.g. "Q4_K_M", "Q8_0"); `progress(i, n, name)` is called per tensor;
-    `device` runs the quantizer arithmetic on e.g. "cuda". Returns the output path.
-    """
-    from ..weights.gguf_file import write_gguf
-    from ..weights.safetensors_io import SafetensorsFile
-
-    key = _target_key(target)
-    src_path = Path(src_path)
-    sf = SafetensorsFile(src_path)
-    pairs = _select_keys(src_path, sf.keys())
-    for k, _ in pairs:
-        if sf.infos[k].dtype not in ("F32", "F16", "BF16", "F64"):
-            raise CheckpointError(
-                f"{src_path}: tensor '{k}' is stored as {sf.infos[k].dtype}; the GGUF converter needs a float "
-                "(F32/F16/BF16) checkpoint. Convert from the original bf16 release, not an fp8 or already "
-                "quantized file.")
-
-    def producer(k: str, q: QT, shape):
-        def make():
-            t = sf.tensor(k)
-            if q == QT.F32:
-                return t.float().numpy()
-            if q == QT.F16:
-                return t.to(torch.float16).numpy()
-            rows = int(np.prod(shape[:-1]))
-            return quantize(t.reshape(rows, shape[-1]), q, device=device)
-        return make
-
-    plan = []
-    for k, name in pairs:
-        shape = sf.infos[k].shape
-        q = choose_qtype(name, shape, key)
-        plan.append((name, producer(k, q, shape), q, shape))
-    metadata = {"general.file_type": file_type_for(key), "general.quantization_version": 2,
-                "general.name": Path(src_path).stem}
-    return write_gguf(out_path, plan, arch="flux", metadata=metadata, progress=progress)

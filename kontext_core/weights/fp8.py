@@ -16,7 +16,8 @@ Each quantized weight gets a per-tensor scale `amax(|w|) / fp8_max`, stored as `
 scheme), so the full fp8 range is used whatever the weight's magnitude — much closer to the original than a plain
 `.to(fp8)` cast, which flushes small weights to zero. Weights that are already fp8 in the requested format are
 kept as they are (never requantized); fp8 weights of the other format are dequantized and requantized.
-Work is done tensor by tensor and in row chunks, so the extra memory is one fp8 tensor plus one chunk.
+Work is done tensor by tensor and in chunks of the flattened tensor (`_CHUNK_ELEMENTS`), so the extra memory is one
+fp8 tensor plus one chunk.
 """
 
 from __future__ import annotations
@@ -33,13 +34,16 @@ from ..model.ops import FP8_DTYPES, CastLinear, _scale_for_rows
 
 log = logging.getLogger("kontext_core")
 
+# Storage dtypes a loader can convert weights to (the nodes' weight_dtype option lists them in this order).
 WEIGHT_DTYPES: dict[str, torch.dtype] = {
-    "fp8_e4m3fn": torch.float8_e4m3fn,
-    "fp8_e5m2": torch.float8_e5m2,
+    "fp32": torch.float32,
     "bf16": torch.bfloat16,
     "fp16": torch.float16,
-    "fp32": torch.float32,
+    "fp8_e4m3fn": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
 }
+# Dtypes the engine computes in (activations, dequantized weights).
+COMPUTE_DTYPES: dict[str, torch.dtype] = {k: WEIGHT_DTYPES[k] for k in ("bf16", "fp16", "fp32")}
 FP8_MAX = {dt: float(torch.finfo(dt).max) for dt in FP8_DTYPES}
 
 _BLOCK_LINEAR = re.compile(r"(double_blocks|single_blocks)\.\d+\..+")
@@ -62,10 +66,6 @@ def parse_weight_dtype(weight_dtype) -> torch.dtype | None:
             return WEIGHT_DTYPES[key]
     raise ValueError(f"weight_dtype {weight_dtype!r} is not supported; use one of {', '.join(WEIGHT_DTYPES)} or None "
                      "(keep the stored dtypes).")
-
-
-def is_fp8(t: Tensor) -> bool:
-    return t.dtype in FP8_DTYPES
 
 
 def is_fp8_candidate(tensor_name: str, shape) -> bool:

@@ -45,7 +45,8 @@ class Checkpoint:
 
     source: str
     container: str  # "safetensors" | "gguf" | "state_dict"
-    layout: str  # "bfl" | "diffusers" (before conversion)
+    # as found, before conversion: "bfl", "comfyui" (model.diffusion_model. prefix), "bfl+<prefix>", "diffusers"
+    layout: str
     tensors: dict[str, Tensor]
     qtypes: dict[str, str] = field(default_factory=dict)  # per tensor storage type (GGUF) or dtype name
     metadata: dict = field(default_factory=dict)

@@ -9,6 +9,7 @@ of one copy-on-write mmap of the file: loading costs no RAM until pages are read
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -51,10 +52,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -100,7 +98,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
                                   "offsets must satisfy 0 <= begin <= end and dimensions be >= 0. The file is "
                                   "corrupt; download it again.")
         info = TensorInfo(name, dtype, shape, base + start, base + end)
-        expect = info.numel * torch.empty((), dtype=DTYPES[dtype]).element_size()
+        expect = info.numel * DTYPES[dtype].itemsize
         if info.nbytes != expect:
             raise CheckpointError(f"{path}: tensor '{name}' declares shape {list(shape)} {dtype} ({expect} bytes) "
                                   f"but occupies {info.nbytes} bytes; the file is corrupt.")
@@ -148,7 +146,7 @@ class SafetensorsFile:
         dtype = DTYPES[info.dtype]
         if info.numel == 0:
             return torch.empty(info.shape, dtype=dtype)
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         mm = self._map()
         if info.start % itemsize == 0:
             t = torch.frombuffer(mm, dtype=dtype, count=info.numel, offset=info.start)

@@ -92,7 +92,7 @@ def write_gguf_assets(dm: Path, loras: Path, g: torch.Generator) -> None:
     import gguf
     from gguf import GGMLQuantizationType as QT
 
-    from kontext_core.quant.gguf_quantize import convert_to_gguf
+    from kontext_core.weights.gguf_convert import convert_to_gguf
     from kontext_core.weights.gguf_file import write_gguf
 
     convert_to_gguf(dm / MODEL_BFL, dm / MODEL_GGUF_Q8, "Q8_0")

@@ -294,13 +294,26 @@ def insert_lora(api: dict, loader_type: str, lora_name: str, strength: float) ->
     return lora
 
 
-def add_ours_beside_ksampler(api: dict, prefix: str) -> dict:
-    """Our sampler on the KSampler's model, conditioning, latent, seed, steps and scheduler; both latents saved."""
+def add_ours_beside_ksampler(api: dict, prefix: str, sampler: str = "euler",
+                             flux_shift_size: tuple[int, int] | None = None) -> dict:
+    """Our sampler on the KSampler's model, conditioning, latent, seed, steps and scheduler; both latents saved.
+
+    sampler: the algorithm both run (core's name = the engine's solver name: euler, heun). flux_shift_size:
+    (width, height) in pixels; the KSampler then gets core's ModelSamplingFlux (the resolution shift) and our
+    sampler its own shifted schedule `kontext` instead of core's scheduler on the unpatched model."""
     ks = find(api, "KSampler")[0]
     k = api[ks]["inputs"]
+    k["sampler_name"] = sampler
+    scheduler = k["scheduler"]
+    model = k["model"]
+    if flux_shift_size is not None:
+        width, height = flux_shift_size
+        k["model"] = [add_node(api, "ModelSamplingFlux", {"model": model, "max_shift": 1.15, "base_shift": 0.5,
+                                                           "width": width, "height": height}), 0]
+        scheduler = "kontext"
     ours = add_node(api, "KontextNativeSampler", {
-        "model": k["model"], "positive": k["positive"], "latent": k["latent_image"], "seed": k["seed"],
-        "steps": k["steps"], "guidance": 2.5, "true_cfg": 1.0, "solver": "euler", "scheduler": k["scheduler"],
+        "model": model, "positive": k["positive"], "latent": k["latent_image"], "seed": k["seed"],
+        "steps": k["steps"], "guidance": 2.5, "true_cfg": 1.0, "solver": sampler, "scheduler": scheduler,
         "denoise": 1.0, "width": 0, "height": 0, "batch_size": 1})
     add_node(api, "SaveLatent", {"samples": [ks, 0], "filename_prefix": f"{prefix}/ksampler"})
     add_node(api, "SaveLatent", {"samples": [ours, 0], "filename_prefix": f"{prefix}/ours"})

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from kontext_core.model.flux import Flux, FluxParams
 from kontext_core.quant.ggml_tensor import GGMLTensor
-from kontext_core.quant.gguf_quantize import convert_to_gguf
+from kontext_core.weights.gguf_convert import convert_to_gguf
 from kontext_core.weights.loader import load_transformer, read_transformer
 
 P = FluxParams(vec_in_dim=32, context_in_dim=64, hidden_size=256, num_heads=4, depth=1, depth_single_blocks=1,

@@ -159,7 +159,64 @@ def test_latent_chain_skips_decode_encode(models):
     t5, clip = embeds()
     first = edit(ours, ae, images=[make_image(64, 48)], prompt_embeds=t5, pooled_prompt_embeds=clip, resize="keep",
                  steps=2, seed=1, decode=False)
-    second = edit(ours, ae, latents=[first.latent], prompt_embeds=t5, pooled_prompt_embeds=clip, steps=2, seed=2,
-                  decode=False)
+    # The AE is handed over (as a chain would) but any use of it fails the test.
+    second = edit(ours, NoAutoencoder(), latents=[first.latent], prompt_embeds=t5, pooled_prompt_embeds=clip,
+                  steps=2, seed=2, decode=False)
     assert second.latent.shape == first.latent.shape
     assert not torch.equal(second.latent, first.latent)
+    # and turn 2 is the sampler run on turn 1's latent as is: the reference is diffusers' transformer + scheduler
+    pipe = models[0]
+    _, want, _ = diffusers_edit_loop(pipe, first.latent, make_noise((1, 16, 6, 8), seed=2), t5, clip, steps=2)
+    assert (second.latent - want).abs().max().item() < ATOL
+
+
+class NoAutoencoder:
+    """A spy in place of the AE: an edit from latents must not encode or decode anything."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the autoencoder was used ({name}) in a latent-only edit")
+
+
+def diffusers_edit_loop(pipe, context, noise, t5, clip, steps, guidance=2.5, init=None, denoise=1.0):
+    """diffusers' transformer and scheduler driven by hand for one context latent (ids written out here).
+    With an init latent: diffusers' img2img convention (a schedule of steps/denoise steps entered at
+    total - steps, the init noised there by `scale_noise`). Returns (start state, result, sigmas used)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    h, w = noise.shape[-2:]
+    rr, cc = torch.meshgrid(torch.arange(h // 2), torch.arange(w // 2), indexing="ij")
+    all_ids = torch.cat([torch.stack([torch.full_like(rr, i), rr, cc], -1).reshape(-1, 3) for i in (0, 1)]).float()
+    sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    n, total = (h // 2) * (w // 2), round(steps / denoise)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / total, total), mu=0.5 + (1.15 - 0.5) / (4096 - 256) * (n - 256))
+    begin = total - steps
+    sched.set_begin_index(begin)
+    timesteps = sched.timesteps[begin:]
+    lat = tok.pack(noise)
+    if init is not None:
+        lat = sched.scale_noise(tok.pack(init), timesteps[:1], lat)
+    start = tok.unpack(lat, h, w)
+    for t in timesteps:
+        with torch.no_grad():
+            v = pipe.transformer(hidden_states=torch.cat([lat, tok.pack(context)], 1), encoder_hidden_states=t5,
+                                 pooled_projections=clip, timestep=(t / 1000).expand(1), img_ids=all_ids,
+                                 txt_ids=torch.zeros(t5.shape[1], 3), guidance=torch.tensor([guidance])).sample[:, :n]
+        lat = sched.step(v, t, lat, return_dict=False)[0]
+    return start, tok.unpack(lat, h, w), sched.sigmas[begin:]
+
+
+@pytest.mark.parametrize("steps,denoise", [(3, 0.5), (4, 0.8)])
+def test_img2img_matches_diffusers_scale_noise_and_partial_schedule(models, steps, denoise):
+    """denoise < 1 against diffusers' img2img convention: a schedule for steps/denoise steps entered at
+    begin_index = total - steps, the init latent noised by `scale_noise` at that time, then the scheduler's steps."""
+    pipe, ours, _ = models
+    g = torch.Generator().manual_seed(21)
+    init, noise, ctx = (torch.randn(1, 16, 6, 8, generator=g) for _ in range(3))
+    t5, clip = embeds(seed=22)
+    starts = []
+    res = edit(ours, None, latents=[ctx], prompt_embeds=t5, pooled_prompt_embeds=clip, steps=steps, noise=noise,
+               init_latent=init, denoise=denoise, decode=False, callback=lambda i, n, x, x0: starts.append(x.clone()))
+    start, want, sigmas = diffusers_edit_loop(pipe, ctx, noise, t5, clip, steps, init=init, denoise=denoise)
+    assert (starts[0] - start).abs().max().item() < 1e-6
+    assert torch.allclose(res.sigmas, sigmas, atol=1e-6)
+    assert (res.latent - want).abs().max().item() < ATOL

@@ -266,3 +266,13 @@ def test_make_gguf_ops_on_a_host_namespace():
     m.inp.weight_function = [lambda w: w * 0]
     torch.testing.assert_close(m.inp.forward_comfy_cast_weights(x), m.inp.bias.detach().expand(2, 64), rtol=0,
                                atol=0)
+
+
+def test_linear_starts_initialised_like_torch_and_builds_nothing_on_meta():
+    torch.manual_seed(7)
+    ours = GGUFOps.Linear(48, 32)
+    torch.manual_seed(7)
+    ref = torch.nn.Linear(48, 32)
+    assert torch.equal(ours.weight, ref.weight) and torch.equal(ours.bias, ref.bias)
+    with torch.device("meta"):
+        assert GGUFOps.Linear(48, 32).weight.is_meta

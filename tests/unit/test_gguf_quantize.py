@@ -10,7 +10,8 @@ from gguf import GGMLQuantizationType as QT
 from kontext_core.errors import CheckpointError
 from kontext_core.quant import gguf_quantize as GQ
 from kontext_core.quant.gguf_dequant import dequantize
-from kontext_core.quant.gguf_quantize import choose_qtype, convert_to_gguf, quantize
+from kontext_core.quant.gguf_quantize import choose_qtype, quantize
+from kontext_core.weights.gguf_convert import convert_to_gguf
 from kontext_core.weights.gguf_file import read_gguf
 
 RNG = np.random.default_rng(0)
@@ -247,14 +248,16 @@ def test_convert_streams_one_tensor_at_a_time(tmp_path, monkeypatch):
     from safetensors.torch import save_file
     src, _ = tiny_bfl()
     save_file(src, str(tmp_path / "tiny.safetensors"))
+    import kontext_core.weights.gguf_convert as GC
+
     produced = []
-    orig = GQ.quantize
+    orig = GC.quantize
 
     def spy(w, q, **kw):
         produced.append(q)
         return orig(w, q, **kw)
 
-    monkeypatch.setattr(GQ, "quantize", spy)
+    monkeypatch.setattr(GC, "quantize", spy)
     written = []
 
     def progress(i, n, name):

@@ -77,13 +77,14 @@ def test_bfl_key_loras_match_merged_bfl_weights(style):
     for n in targets:
         w = sd[n + ".weight"]
         down, up = rand_pair(*w.shape, g)
-        if style == "kohya":
+        if style == "kohya":  # alpha != rank: the update is scaled by alpha / rank = 1 / 4
             base = "lora_unet_" + n.replace(".", "_")
             lora[base + ".lora_down.weight"], lora[base + ".lora_up.weight"] = down, up
-            lora[base + ".alpha"] = torch.tensor(float(R))
-        else:
+            lora[base + ".alpha"] = torch.tensor(1.0)
+            merged[n + ".weight"] = w + 0.25 * (up @ down)
+        else:  # no alpha key: scale 1
             lora[f"diffusion_model.{n}.lora_A.weight"], lora[f"diffusion_model.{n}.lora_B.weight"] = down, up
-        merged[n + ".weight"] = w + up @ down
+            merged[n + ".weight"] = w + up @ down
     want_model = load_transformer(merged, params={"axes_dim": TINY_AXES})
     apply_lora(ours, lora)
     x, t, txt, y, gd, refs = forward_inputs()

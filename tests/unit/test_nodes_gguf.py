@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from kontext_core.errors import CheckpointError, InputError, UnsupportedQuantError
 from kontext_core.quant.ggml_tensor import GGMLTensor
-from kontext_core.quant.gguf_quantize import convert_to_gguf
+from kontext_core.weights.gguf_convert import convert_to_gguf
 from kontext_core.weights.gguf_file import write_gguf
 from nodes import gguf_logic
 from tiny_models import tiny_diffusers_transformer, write_bfl

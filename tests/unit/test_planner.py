@@ -56,7 +56,7 @@ def test_planned_bytes_equal_the_loaded_model(tmp_path, storage, weight_dtype):
 def test_planned_bytes_equal_a_converted_gguf_file_and_its_loaded_model(tmp_path, target):
     import gguf
 
-    from kontext_core.quant.gguf_quantize import convert_to_gguf
+    from kontext_core.weights.gguf_convert import convert_to_gguf
 
     out = tmp_path / f"small-{target}.gguf"
     convert_to_gguf(model_file(tmp_path, K_SMALL), out, target)
