@@ -199,6 +199,18 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def encode_prompt_with_files(args):
+    """(prompt_embeds, pooled) of --prompt through --t5/--clip-l; the encoders are freed before returning, so the
+    DiT loads into the memory they held (what `plan --free-text-encoder` assumes)."""
+    from .text_encoders import load_text_encoders
+
+    encoders = load_text_encoders(args.t5, args.clip_l, args.tokenizers)
+    try:
+        return encoders.encode([args.prompt])
+    finally:
+        encoders.free()
+
+
 def _load_edit_models(args):
     """(transformer, ae, prompt_embeds, pooled, image size or None): Kontext-Tiny unless real files are given."""
     import torch
@@ -207,17 +219,28 @@ def _load_edit_models(args):
     from .weights.ae_layout import load_autoencoder
     from .weights.loader import load_transformer
 
+    text_files = [f"--{n.replace('_', '-')}" for n in ("t5", "clip_l", "tokenizers") if getattr(args, n)]
     if args.transformer or args.ae or args.embeds:
-        missing = [f"--{n}" for n in ("transformer", "ae", "embeds") if not getattr(args, n)]
+        missing = [f"--{n}" for n in ("transformer", "ae") if not getattr(args, n)]
+        if not args.embeds and not args.t5:
+            missing.append("--embeds (saved conditioning) or --prompt with --t5/--clip-l")
         if missing:
-            raise KontextError(f"editing with your own files needs --transformer, --ae and --embeds; missing "
-                               f"{', '.join(missing)}. Without any of them the bundled Kontext-Tiny is used.")
-        if args.prompt:
-            raise KontextError("--prompt needs a text encoder, which the engine has only for Kontext-Tiny; for a "
-                               "real model pass the prompt's T5/CLIP embeddings with --embeds (saved by the "
-                               "'Save Kontext Conditioning' node)")
-        embeds, pooled, _ = load_embeddings(args.embeds)
+            raise KontextError(f"editing with your own files needs --transformer, --ae and the prompt (--embeds, or "
+                               f"--prompt with --t5 --clip-l); missing {', '.join(missing)}. Without any of them the "
+                               "bundled Kontext-Tiny is used.")
+        if args.embeds and (args.prompt or text_files):
+            raise KontextError("give the prompt either as --embeds (saved embeddings) or as --prompt with "
+                               "--t5/--clip-l, not both")
+        if args.embeds:
+            embeds, pooled, _ = load_embeddings(args.embeds)
+        else:
+            if not args.prompt:
+                raise KontextError("--t5/--clip-l encode --prompt; give the edit as --prompt \"...\"")
+            embeds, pooled = encode_prompt_with_files(args)
         return load_transformer(args.transformer), load_autoencoder(args.ae), embeds, pooled, None
+    if text_files:
+        raise KontextError(f"{', '.join(text_files)} go with a real model: add --transformer and --ae (the bundled "
+                           "Kontext-Tiny has its own text encoder)")
     from . import tiny
 
     if not args.prompt:
@@ -245,7 +268,7 @@ def cmd_edit(args) -> int:
             img.load()
         except OSError as e:
             raise KontextError(f"{args.image}: cannot read the image ({e})") from None
-        resize = "stretch"
+        resize = args.resize or "stretch"
         if fixed is not None:
             resize = "keep"
             if img.size != fixed:
@@ -281,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ed = sub.add_parser("edit", help="edit an image from an instruction (bundled Kontext-Tiny by default)")
     ed.add_argument("image", help="the picture to edit (PNG, JPEG, ...)")
-    ed.add_argument("--prompt", help="the instruction, e.g. 'make the red circle blue' (Kontext-Tiny)")
+    ed.add_argument("--prompt", help="the instruction, e.g. 'make the red circle blue' (encoded by Kontext-Tiny's own "
+                                     "text encoder, or by --t5/--clip-l with a real model)")
     ed.add_argument("--out", default="edited.png", help="where to write the result (default edited.png)")
     ed.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"sampling steps (default {DEFAULT_STEPS})")
     ed.add_argument("--seed", type=int, default=0, help="noise seed (same seed, same result)")
@@ -289,9 +313,20 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--paste-back", action="store_true",
                     help="paste back untouched pixels: wherever the edit changed nothing, keep the input's own "
                          "pixels (feathered seam) instead of the slightly softened re-generation")
+    ed.add_argument("--resize", choices=("stretch", "crop", "pad", "keep"),
+                    help="real models: fit the picture to the nearest Kontext resolution by stretch (default, as "
+                         "BFL), crop or pad, or keep its size (snapped to 16)")
     ed.add_argument("--transformer", help="a real Kontext transformer file instead of Kontext-Tiny")
     ed.add_argument("--ae", help="the autoencoder (ae.safetensors) that goes with --transformer")
-    ed.add_argument("--embeds", help="prompt embeddings file (Save Kontext Conditioning) for --transformer")
+    ed.add_argument("--embeds", help="prompt embeddings file (Save Kontext Conditioning) for --transformer, instead "
+                                     "of --prompt with text encoders")
+    ed.add_argument("--t5", help="T5-XXL for --prompt with --transformer: t5xxl_fp16 / t5xxl_fp8_e4m3fn(_scaled) "
+                                 ".safetensors, a T5 encoder GGUF, or a diffusers FLUX folder (then --clip-l and "
+                                 "--tokenizers default to it). Freed before the transformer loads.")
+    ed.add_argument("--clip-l", dest="clip_l", help="CLIP-L text encoder (clip_l.safetensors) that goes with --t5")
+    ed.add_argument("--tokenizers", help="where the CLIP/T5 tokenizers are: a diffusers FLUX folder (tokenizer/, "
+                                         "tokenizer_2/) or your ComfyUI folder (comfy/sd1_tokenizer, "
+                                         "comfy/text_encoders/t5_tokenizer)")
     ed.set_defaults(func=cmd_edit)
 
     dm = sub.add_parser("demo", help="Kontext-Tiny on every edit type and a 5-turn chain, scored; writes PNGs")

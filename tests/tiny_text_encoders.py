@@ -99,3 +99,56 @@ def write_flux_text_folder(root: Path, t5_seed=0, clip_seed=1):
     t5.save_pretrained(str(root / "text_encoder_2"), safe_serialization=True)
     clip.save_pretrained(str(root / "text_encoder"), safe_serialization=True)
     return root, t5, clip, ttok, ctok
+
+
+# --- T5 encoder GGUF as llama.cpp's converter names it, written with the gguf package -------------------------
+
+_GGUF_PARTS = {"layer.0.SelfAttention.q": "attn_q", "layer.0.SelfAttention.k": "attn_k",
+               "layer.0.SelfAttention.v": "attn_v", "layer.0.SelfAttention.o": "attn_o",
+               "layer.0.layer_norm": "attn_norm", "layer.0.SelfAttention.relative_attention_bias": "attn_rel_b",
+               "layer.1.DenseReluDense.wi_0": "ffn_gate", "layer.1.DenseReluDense.wi_1": "ffn_up",
+               "layer.1.DenseReluDense.wo": "ffn_down", "layer.1.layer_norm": "ffn_norm"}
+
+
+def llama_cpp_t5_name(key: str) -> str:
+    """transformers' T5 key -> the name llama.cpp's converter writes (written independently of the engine)."""
+    if key == "shared.weight":
+        return "token_embd.weight"
+    if key == "encoder.final_layer_norm.weight":
+        return "enc.output_norm.weight"
+    _, _, i, rest = key.split(".", 3)  # encoder.block.<i>.<part>.weight
+    return f"enc.blk.{i}.{_GGUF_PARTS[rest[: -len('.weight')]]}.weight"
+
+
+def write_t5_gguf(t5, path: Path, qtype: str, arch: str = "t5encoder"):
+    """Write `t5`'s encoder as a GGUF: 2-D weights whose rows fit the type's blocks in `qtype` (quantized by the
+    project's quantizer), the rest F32, as the converters do. Returns {transformers key: dequantized fp32 tensor}
+    computed by gguf-py's reference dequantizer: the file's exact values, for a safetensors twin."""
+    import gguf
+    import numpy as np
+    from gguf import GGMLQuantizationType as QT
+    from gguf.constants import GGML_QUANT_SIZES
+
+    from kontext_core.quant.gguf_quantize import quantize
+
+    q = QT[qtype]
+    block = GGML_QUANT_SIZES[q][0]
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name("tiny t5 encoder")
+    twin = {}
+    for key, t in t5.state_dict().items():
+        if key == "encoder.embed_tokens.weight":
+            continue
+        w = t.detach().float().numpy()
+        if w.ndim == 2 and w.shape[1] % block == 0 and "relative_attention_bias" not in key:
+            raw = quantize(w, q)
+            writer.add_tensor(llama_cpp_t5_name(key), raw, raw_dtype=q)
+            twin[key] = torch.from_numpy(gguf.quants.dequantize(raw, q).reshape(w.shape).astype(np.float32))
+        else:
+            writer.add_tensor(llama_cpp_t5_name(key), w.astype(np.float32))
+            twin[key] = torch.from_numpy(w.copy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return twin

@@ -48,6 +48,20 @@ class StoredEmbedding(nn.Embedding):
 
     compute_dtype: torch.dtype = torch.float32
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        v = state_dict.get(prefix + "weight")
+        if isinstance(v, GGMLTensor):  # quantized table: keep the blocks (shape checked on the logical shape)
+            state_dict.pop(prefix + "weight")
+            if tuple(v.logical_shape) != (self.num_embeddings, self.embedding_dim):
+                error_msgs.append(f"size mismatch for {prefix}weight: {tuple(v.logical_shape)} in the file, "
+                                  f"{(self.num_embeddings, self.embedding_dim)} in the model.")
+                return
+            self._parameters["weight"] = nn.Parameter(v, requires_grad=False)
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def forward(self, ids: Tensor) -> Tensor:
         w = self.weight
         if isinstance(w, GGMLTensor):

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from kontext_core.text_encoders import load_clip_l, load_t5, load_text_encoders
 from kontext_core.weights.fp8 import quantize_fp8
-from tiny_text_encoders import tiny_clip, write_flux_text_folder
+from tiny_text_encoders import tiny_clip, write_flux_text_folder, write_t5_gguf
 
 PROMPTS = ["make the red car blue", "give the character a green hat", "a cat"]
 
@@ -139,4 +139,36 @@ def test_comfy_single_file_clip_l(tmp_path, folder):
     ids = ctok(PROMPTS, padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():
         d = (ours(ids).pooler_output - ref(ids).pooler_output).abs().max().item()
+    assert d < 1e-5
+
+
+@pytest.fixture(scope="module")
+def gguf_t5(folder):
+    """A T5 wide enough for K-quant blocks (rows of 256)."""
+    from tiny_text_encoders import tiny_t5
+
+    root, t5, clip, ttok, ctok = folder
+    return tiny_t5(len(ttok), seed=4, d_model=256, d_kv=32, num_heads=4, d_ff=512), ttok
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q6_K", "Q4_K", "Q3_K", "Q5_0"])
+def test_gguf_t5_matches_its_dequantized_safetensors_twin(gguf_t5, tmp_path, qtype):
+    """A T5 encoder GGUF (llama.cpp names, written by the gguf package) runs quantized (dequantized per layer)
+    and gives the encoding of its dequantized safetensors twin (dequantized by gguf-py's reference code)."""
+    from kontext_core.quant.ggml_tensor import GGMLTensor
+
+    t5, ttok = gguf_t5
+    path = tmp_path / f"t5-encoder-{qtype}.gguf"
+    twin = write_t5_gguf(t5, path, qtype)
+    save_file(twin, str(tmp_path / "twin.safetensors"))
+    ours = load_t5(path)
+    twin_model = load_t5(tmp_path / "twin.safetensors")
+    wi = ours.encoder.block[0].layer[1].DenseReluDense.wi_0.weight
+    assert isinstance(wi, GGMLTensor) == (qtype != "F16")  # stays quantized in memory
+    ids = ttok(PROMPTS, padding="max_length", max_length=512, return_tensors="pt").input_ids
+    with torch.no_grad():
+        a, b = ours(ids)[0], twin_model(ids)[0]
+        full = t5(ids)[0]
+    d = (a - b).abs().max().item()
+    print(f"\n[gguf {qtype}] vs twin max|Δ| = {d:.2e}; vs unquantized {(a - full).abs().max().item():.2e}")
     assert d < 1e-5
