@@ -177,11 +177,19 @@ def cmd_plan(args) -> int:
             validate_checkpoint(ck, params)
         else:
             from .model.flux import KONTEXT_DEV as params
+        text_encoder = args.text_encoder or "fp8"
+        if args.t5:
+            from .text_encoders.checkpoints import t5_planner_storage
+
+            if args.text_encoder:
+                raise InputError("give the T5 either as --t5 FILE (its storage is read from the file) or as "
+                                 "--text-encoder TYPE, not both")
+            text_encoder = t5_planner_storage(args.t5)
         m = machine(args.gpu, args.vram, args.ram)
         a = Assumptions(fp8_matmul=args.fp8_matmul, pinned=args.pinned, link_gbps=args.pcie_gbps,
                         free_text_encoder=args.free_text_encoder)
         w, h = args.size
-        print(report(params, m, w, h, args.refs, args.text_encoder, a, STORAGES))
+        print(report(params, m, w, h, args.refs, text_encoder, a, STORAGES))
     except USER_ERRORS as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 1
@@ -356,11 +364,14 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--ram", type=float, help="system RAM in GiB (default: this machine's)")
     pl.add_argument("--size", type=_parse_size, default=(1024, 1024), help="output WxH, default 1024x1024")
     pl.add_argument("--refs", type=int, default=1, help="number of context images (each at the output size)")
-    pl.add_argument("--text-encoder", default="fp8", choices=T5_STORAGES,
+    pl.add_argument("--text-encoder", choices=T5_STORAGES,
                     help="T5-XXL in use: fp16 (9.5 GB), fp8 (4.9 GB, default), a GGUF type, or none (saved "
                          "conditioning); CLIP-L is always counted")
+    pl.add_argument("--t5", help="the T5-XXL file you use (safetensors or GGUF): its storage type is read from it, "
+                                 "instead of --text-encoder")
     pl.add_argument("--free-text-encoder", action="store_true",
-                    help="text encoders are freed after encoding (default: kept in RAM, as ComfyUI does)")
+                    help="text encoders are freed after encoding, as `edit --prompt --t5` does (default: kept in "
+                         "RAM, as ComfyUI does)")
     pl.add_argument("--fp8-matmul", action="store_true", help="multiply fp8 weights in fp8 (needs cc >= 8.9)")
     pl.add_argument("--pinned", action="store_true", help="streamed weights in pinned memory (stream_model's "
                                                           "pin_memory): faster copies, page-locked RAM")

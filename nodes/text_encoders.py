@@ -59,8 +59,8 @@ class TextEncoderGGUFLoader(io.ComfyNode):
             node_id="KontextNativeTextEncoderGGUFLoader",
             display_name="Load Kontext Text Encoders (T5 GGUF + CLIP-L)",
             category=f"{CATEGORY}/loaders",
-            description="Loads FLUX's text encoders with T5-XXL from a GGUF file (Q8_0 ... Q3_K: 5.1 to 2.1 GB "
-                        "instead of 9.5 GB in fp16) and CLIP-L from safetensors, as a standard CLIP for core "
+            description="Loads FLUX's text encoders with T5-XXL from a GGUF file (Q8_0 ... Q3_K: about 5.1 to "
+                        "2.1 GB instead of 9.5 GB in fp16) and CLIP-L from safetensors, as a standard CLIP for core "
                         "CLIPTextEncode. T5 stays quantized in memory and is dequantized layer by layer; ComfyUI's "
                         "memory manager loads and offloads it like any text encoder.",
             inputs=[

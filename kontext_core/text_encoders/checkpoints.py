@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+import torch
 from torch import Tensor
 
 from ..errors import CheckpointError
@@ -162,3 +163,28 @@ def read_text_encoder(path: str | os.PathLike, kind: str) -> TextEncoderWeights:
 def usable_tensors(w: TextEncoderWeights) -> dict[str, Tensor]:
     """The tensors the encoder-only model takes (decoder halves, projections, markers dropped)."""
     return {k: v for k, v in w.tensors.items() if not _IGNORED.match(k)}
+
+
+# ================================================================================================ planning
+
+# GGUF types the planner does not list, counted as the planner type of about the same bits per weight.
+_PLANNER_QTYPE = {"Q8_0": "Q8_0", "Q6_K": "Q6_K", "Q5_K": "Q5_K", "Q5_0": "Q5_K", "Q5_1": "Q5_K", "Q4_K": "Q4_K",
+                  "Q4_0": "Q4_K", "Q4_1": "Q4_K", "IQ4_NL": "Q4_K", "IQ4_XS": "Q4_K", "Q3_K": "Q3_K", "Q2_K": "Q3_K",
+                  "F16": "fp16", "BF16": "fp16", "F32": "fp16"}
+
+
+def t5_planner_storage(path: str | os.PathLike) -> str:
+    """The planner's name for how a T5 file stores its matrices ("fp16", "fp8", "Q8_0", ... "Q3_K"), read from the
+    file (headers and tensor types only): the storage of most of its Linear weights."""
+    from collections import Counter
+
+    w = read_text_encoder(path, "t5")
+    counts: Counter = Counter()
+    for k, t in w.tensors.items():
+        if not k.endswith(".weight") or k == "shared.weight":
+            continue
+        if w.qtypes:
+            counts[_PLANNER_QTYPE.get(w.qtypes[k], "Q8_0")] += 1
+        elif t.ndim == 2:
+            counts["fp8" if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else "fp16"] += 1
+    return counts.most_common(1)[0][0] if counts else "fp16"

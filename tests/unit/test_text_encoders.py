@@ -149,3 +149,21 @@ def test_cli_text_encoder_argument_errors(tmp_path, capsys, single_files):
                 "--clip-l", str(clip_file)]) == 1
     err = capsys.readouterr().err
     assert "tokenizer" in err and err.count("\n") == 1
+
+
+def test_plan_reads_the_t5_storage_from_the_file(folder, single_files, tmp_path, capsys):
+    from kontext_core.weights.fp8 import quantize_fp8
+
+    _, t5, _, _, _ = folder
+    write_t5_gguf(t5, tmp_path / "t5-Q4_0.gguf", "Q4_0")  # not a planner type: counted as Q4_K (same bits)
+    sd = {k: (quantize_fp8(v)[0] if v.ndim == 2 and k != "shared.weight" else v).contiguous()
+          for k, v in t5.state_dict().items() if "embed_tokens" not in k}
+    save_file(sd, str(tmp_path / "t5xxl_fp8_e4m3fn.safetensors"))
+    for path, want in ((tmp_path / "t5-Q4_0.gguf", "T5 Q4_K"), (tmp_path / "t5xxl_fp8_e4m3fn.safetensors", "T5 fp8"),
+                       (single_files[0], "T5 fp16")):
+        assert cli(["plan", "--gpu", "RTX 4060", "--ram", "32", "--t5", str(path)]) == 0
+        assert want + " + CLIP-L" in capsys.readouterr().out
+    assert cli(["plan", "--t5", str(single_files[0]), "--text-encoder", "fp16"]) == 1
+    assert "not both" in capsys.readouterr().err
+    assert cli(["plan", "--t5", str(single_files[1])]) == 1  # CLIP-L given as T5
+    assert "--clip-l" in capsys.readouterr().err
