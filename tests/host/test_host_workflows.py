@@ -175,7 +175,8 @@ def test_pack_loads_with_all_nodes(driver):
     assert driver["boot"]["our_nodes"] == sorted([
         "KontextNativeModelLoader", "KontextNativeGGUFLoader", "KontextNativeImageBucket", "KontextNativeReferenceEncoder",
         "KontextNativeSampler", "KontextNativeSaveConditioning", "KontextNativeLoadConditioning",
-        "KontextNativeVRAMPlan", "KontextNativeTinyLoader", "KontextNativeTinyPrompt", "KontextNativeTinyScene"])
+        "KontextNativeVRAMPlan", "KontextNativeTinyLoader", "KontextNativeTinyPrompt", "KontextNativeTinyScene",
+        "KontextNativeTextEncoderGGUFLoader"])
 
 
 EXAMPLE = A.IMAGES["example.png"]  # placeholder images are used at their own size ('keep', see host_workflows)
