@@ -37,9 +37,10 @@ def test_diffusers_folder_matches_transformers(folder):
     ref_e, ref_p = reference(t5, clip, ttok, ctok, PROMPTS)
     assert embeds.shape == (3, 512, 32) and pooled.shape == (3, 24)
     assert (embeds - ref_e).abs().max() < 1e-6 and (pooled - ref_p).abs().max() < 1e-6
-    # weights are the file's pages, not copies: the Linear weights are views of the memory map
-    q = te.t5.encoder.block[0].layer[0].SelfAttention.q.weight
-    assert q.dtype == torch.float32 and not q.is_meta
+    # weights are the file's pages, not copies: Linear weights and token tables are views of the memory map
+    for w in (te.t5.encoder.block[0].layer[0].SelfAttention.q.weight, te.t5.shared.weight,
+              te.clip.get_input_embeddings().weight):
+        assert not w.untyped_storage().resizable()
 
 
 def test_matches_flux_kontext_pipeline_encode_prompt(folder):
@@ -110,7 +111,7 @@ def test_comfy_single_file_t5(folder, tmp_path, storage):
     ours = load_t5(path)
     q = ours.encoder.block[1].layer[1].DenseReluDense.wo.weight
     want = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(storage, torch.float8_e4m3fn)
-    assert q.dtype == want  # stored dtype kept
+    assert q.dtype == want and not q.untyped_storage().resizable()  # stored dtype kept, memory-mapped
     ref = T5EncoderModel(t5.config).eval()
     ref.load_state_dict(ref_sd, strict=False)
     ref.tie_weights()
