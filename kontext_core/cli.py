@@ -176,11 +176,19 @@ def cmd_plan(args) -> int:
             validate_checkpoint(ck, params)
         else:
             from .model.flux import KONTEXT_DEV as params
+        text_encoder = args.text_encoder or "fp8"
+        if args.t5:
+            from .text_encoders.checkpoints import t5_planner_storage
+
+            if args.text_encoder:
+                raise InputError("give the T5 either as --t5 FILE (its storage is read from the file) or as "
+                                 "--text-encoder TYPE, not both")
+            text_encoder = t5_planner_storage(args.t5)
         m = machine(args.gpu, args.vram, args.ram)
         a = Assumptions(fp8_matmul=args.fp8_matmul, pinned=args.pinned, link_gbps=args.pcie_gbps,
                         free_text_encoder=args.free_text_encoder)
         w, h = args.size
-        print(report(params, m, w, h, args.refs, args.text_encoder, a, STORAGES))
+        print(report(params, m, w, h, args.refs, text_encoder, a, STORAGES))
     except USER_ERRORS as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 1
@@ -198,6 +206,18 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def encode_prompt_with_files(args):
+    """(prompt_embeds, pooled) of --prompt through --t5/--clip-l; the encoders are freed before returning, so the
+    DiT loads into the memory they held (what `plan --free-text-encoder` assumes)."""
+    from .text_encoders import load_text_encoders
+
+    encoders = load_text_encoders(args.t5, args.clip_l, args.tokenizers)
+    try:
+        return encoders.encode([args.prompt])
+    finally:
+        encoders.free()
+
+
 def _load_edit_models(args):
     """(transformer, ae, prompt_embeds, pooled, image size or None): Kontext-Tiny unless real files are given."""
     import torch
@@ -206,17 +226,28 @@ def _load_edit_models(args):
     from .weights.ae_layout import load_autoencoder
     from .weights.loader import load_transformer
 
+    text_files = [f"--{n.replace('_', '-')}" for n in ("t5", "clip_l", "tokenizers") if getattr(args, n)]
     if args.transformer or args.ae or args.embeds:
-        missing = [f"--{n}" for n in ("transformer", "ae", "embeds") if not getattr(args, n)]
+        missing = [f"--{n}" for n in ("transformer", "ae") if not getattr(args, n)]
+        if not args.embeds and not args.t5:
+            missing.append("--embeds (saved conditioning) or --prompt with --t5/--clip-l")
         if missing:
-            raise KontextError(f"editing with your own files needs --transformer, --ae and --embeds; missing "
-                               f"{', '.join(missing)}. Without any of them the bundled Kontext-Tiny is used.")
-        if args.prompt:
-            raise KontextError("--prompt needs a text encoder, which the engine has only for Kontext-Tiny; for a "
-                               "real model pass the prompt's T5/CLIP embeddings with --embeds (saved by the "
-                               "'Save Kontext Conditioning' node)")
-        embeds, pooled, _ = load_embeddings(args.embeds)
+            raise KontextError(f"editing with your own files needs --transformer, --ae and the prompt (--embeds, or "
+                               f"--prompt with --t5 --clip-l); missing {', '.join(missing)}. Without any of them the "
+                               "bundled Kontext-Tiny is used.")
+        if args.embeds and (args.prompt or text_files):
+            raise KontextError("give the prompt either as --embeds (saved embeddings) or as --prompt with "
+                               "--t5/--clip-l, not both")
+        if args.embeds:
+            embeds, pooled, _ = load_embeddings(args.embeds)
+        else:
+            if not args.prompt:
+                raise KontextError("--t5/--clip-l encode --prompt; give the edit as --prompt \"...\"")
+            embeds, pooled = encode_prompt_with_files(args)
         return load_transformer(args.transformer), load_autoencoder(args.ae), embeds, pooled, None
+    if text_files:
+        raise KontextError(f"{', '.join(text_files)} go with a real model: add --transformer and --ae (the bundled "
+                           "Kontext-Tiny has its own text encoder)")
     from . import tiny
 
     if not args.prompt:
@@ -241,7 +272,7 @@ def cmd_edit(args) -> int:
     try:
         transformer, ae, embeds, pooled, fixed = _load_edit_models(args)
         img = open_image(args.image)
-        resize = "stretch"
+        resize = args.resize or "stretch"
         if fixed is not None:
             resize = "keep"
             if img.size != fixed:
@@ -343,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ed = sub.add_parser("edit", help="edit an image from an instruction (bundled Kontext-Tiny by default)")
     ed.add_argument("image", help="the picture to edit (PNG, JPEG, ...)")
-    ed.add_argument("--prompt", help="the instruction, e.g. 'make the red circle blue' (Kontext-Tiny)")
+    ed.add_argument("--prompt", help="the instruction, e.g. 'make the red circle blue' (encoded by Kontext-Tiny's own "
+                                     "text encoder, or by --t5/--clip-l with a real model)")
     ed.add_argument("--out", default="edited.png", help="where to write the result (default edited.png)")
     ed.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"sampling steps (default {DEFAULT_STEPS})")
     ed.add_argument("--seed", type=int, default=0, help="noise seed (same seed, same result)")
@@ -351,9 +383,20 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--paste-back", action="store_true",
                     help="paste back untouched pixels: wherever the edit changed nothing, keep the input's own "
                          "pixels (feathered seam) instead of the slightly softened re-generation")
+    ed.add_argument("--resize", choices=("stretch", "crop", "pad", "keep"),
+                    help="real models: fit the picture to the nearest Kontext resolution by stretch (default, as "
+                         "BFL), crop or pad, or keep its size (snapped to 16)")
     ed.add_argument("--transformer", help="a real Kontext transformer file instead of Kontext-Tiny")
     ed.add_argument("--ae", help="the autoencoder (ae.safetensors) that goes with --transformer")
-    ed.add_argument("--embeds", help="prompt embeddings file (Save Kontext Conditioning) for --transformer")
+    ed.add_argument("--embeds", help="prompt embeddings file (Save Kontext Conditioning) for --transformer, instead "
+                                     "of --prompt with text encoders")
+    ed.add_argument("--t5", help="T5-XXL for --prompt with --transformer: t5xxl_fp16 / t5xxl_fp8_e4m3fn(_scaled) "
+                                 ".safetensors, a T5 encoder GGUF, or a diffusers FLUX folder (then --clip-l and "
+                                 "--tokenizers default to it). Freed before the transformer loads.")
+    ed.add_argument("--clip-l", dest="clip_l", help="CLIP-L text encoder (clip_l.safetensors) that goes with --t5")
+    ed.add_argument("--tokenizers", help="where the CLIP/T5 tokenizers are: a diffusers FLUX folder (tokenizer/, "
+                                         "tokenizer_2/) or your ComfyUI folder (comfy/sd1_tokenizer, "
+                                         "comfy/text_encoders/t5_tokenizer)")
     ed.set_defaults(func=cmd_edit)
 
     ch = sub.add_parser("chain", help="several edits in a row from one picture, anchored so unedited regions "
@@ -399,11 +442,14 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--ram", type=float, help="system RAM in GiB (default: this machine's)")
     pl.add_argument("--size", type=_parse_size, default=(1024, 1024), help="output WxH, default 1024x1024")
     pl.add_argument("--refs", type=int, default=1, help="number of context images (each at the output size)")
-    pl.add_argument("--text-encoder", default="fp8", choices=T5_STORAGES,
+    pl.add_argument("--text-encoder", choices=T5_STORAGES,
                     help="T5-XXL in use: fp16 (9.5 GB), fp8 (4.9 GB, default), a GGUF type, or none (saved "
                          "conditioning); CLIP-L is always counted")
+    pl.add_argument("--t5", help="the T5-XXL file you use (safetensors or GGUF): its storage type is read from it, "
+                                 "instead of --text-encoder")
     pl.add_argument("--free-text-encoder", action="store_true",
-                    help="text encoders are freed after encoding (default: kept in RAM, as ComfyUI does)")
+                    help="text encoders are freed after encoding, as `edit --prompt --t5` does (default: kept in "
+                         "RAM, as ComfyUI does)")
     pl.add_argument("--fp8-matmul", action="store_true", help="multiply fp8 weights in fp8 (needs cc >= 8.9)")
     pl.add_argument("--pinned", action="store_true", help="streamed weights in pinned memory (stream_model's "
                                                           "pin_memory): faster copies, page-locked RAM")

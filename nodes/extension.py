@@ -11,15 +11,18 @@ from .loaders import GGUFLoader, LoadConditioning, ModelLoader, SaveConditioning
 from .planning import VRAMPlan
 from .reference import ReferenceEncoder
 from .sampler import Sampler
+from .text_encoders import TextEncoderGGUFLoader, register_folder
 from .tiny import NODES as TINY_NODES
 
 NODES: list[type[io.ComfyNode]] = [ModelLoader, GGUFLoader, ImageBucket, ReferenceEncoder, Sampler,
-                                   KeepUnchanged, SaveConditioning, LoadConditioning, VRAMPlan, *TINY_NODES]
+                                   KeepUnchanged, SaveConditioning, LoadConditioning, VRAMPlan, TextEncoderGGUFLoader,
+                                   *TINY_NODES]
 
 
 class KontextNativeExtension(ComfyExtension):
     async def on_load(self) -> None:
         comfy_model.register_model_folders()
+        register_folder()
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return list(NODES)

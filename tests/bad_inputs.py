@@ -582,6 +582,78 @@ case("conditioning round trip", K, Accepted(lambda r: r[0].shape == (1, 8, 32) a
                load_embeddings(f.dir / "ok-cond.safetensors"))[1])
 
 
+# 9. text encoders (T5-XXL / CLIP-L files for --prompt with a real model) --------------------------------------------
+
+T = "text encoders"
+
+
+def _t5_folder(f: Files) -> Path:
+    """A tiny diffusers-layout FLUX text folder (T5, CLIP, both tokenizers)."""
+    def make():
+        from tiny_text_encoders import write_flux_text_folder
+        return write_flux_text_folder(f.dir / "flux-text")[0]
+    return f.once("t5_folder", make)
+
+
+def _t5_file(f: Files) -> Path:
+    def make():
+        from safetensors.torch import load_file
+        sd = load_file(str(_t5_folder(f) / "text_encoder_2" / "model.safetensors"))
+        return f.write("t5xxl_small.safetensors", {k: v for k, v in sd.items() if "embed_tokens" not in k})
+    return f.once("t5_file", make)
+
+
+def _clip_file(f: Files) -> Path:
+    def make():
+        from safetensors.torch import load_file
+        return f.write("clip_l_small.safetensors", load_file(str(_t5_folder(f) / "text_encoder" / "model.safetensors")))
+    return f.once("clip_file", make)
+
+
+def _te(*args, **kw):
+    from kontext_core.text_encoders import load_clip_l, load_t5, load_text_encoders
+    return {"t5": load_t5, "clip": load_clip_l, "both": load_text_encoders}[args[0]](*args[1:], **kw)
+
+
+def _long_prompt(f: Files):
+    import logging
+
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda r: records.append(r.getMessage())
+    log = logging.getLogger("kontext_core")
+    log.addHandler(handler)
+    try:
+        embeds, pooled_ = _te("both", _t5_folder(f)).encode("make the red car blue " * 130 + "zebra")
+    finally:
+        log.removeHandler(handler)
+    return embeds.shape, records
+
+
+def _flux_gguf(f: Files) -> Path:
+    from kontext_core.quant.gguf_quantize import convert_to_gguf
+    return f.once("flux_gguf", lambda: convert_to_gguf(f.transformer(), f.dir / "kontext-small-Q8_0.gguf", "Q8_0")
+                  or f.dir / "kontext-small-Q8_0.gguf")
+
+
+case("transformer given as T5", T, refused(CheckpointError, "kontext-small.safetensors", "FLUX transformer",
+                                           "--transformer"))(lambda f: _te("t5", f.transformer()))
+case("autoencoder given as CLIP-L", T, refused(CheckpointError, "ae-small.safetensors", "autoencoder", "--ae"))(
+    lambda f: _te("clip", f.ae()))
+case("T5 given as CLIP-L", T, refused(CheckpointError, "t5xxl_small.safetensors", "T5 text encoder", "--t5"))(
+    lambda f: _te("clip", _t5_file(f)))
+case("transformer GGUF given as T5", T, refused(CheckpointError, "kontext-small-Q8_0.gguf", "'flux' model",
+                                                "T5 encoder GGUF"))(lambda f: _te("t5", _flux_gguf(f)))
+case("single-file T5 without tokenizers", T, refused(CheckpointError, "tokenizer/ and tokenizer_2/",
+                                                     "comfy/sd1_tokenizer", "FLUX.1-Kontext-dev"))(
+    lambda f: _te("both", _t5_file(f), _clip_file(f)))
+case("prompt longer than 512 T5 tokens: cut with a warning", T,
+     Accepted(lambda r: r[0][1] == 512 and any("cut off" in m and "zebra" in m.replace(" ", "") for m in r[1])))(
+    _long_prompt)
+case("cli --t5 without a transformer", T, refused(CliFailed, "--t5", "--transformer and --ae"))(
+    lambda f: cli_error(["edit", str(f.dir / "x.png"), "--prompt", "x", "--t5", str(_t5_file(f))]))
+
+
 # nodes call the same checks (one place, one message) --------------------------------------------------------------
 
 ND = "nodes"

@@ -313,11 +313,15 @@ def _orig_shape(path: Path, metadata: dict, t: TensorEntry, numel: int) -> tuple
     return shape
 
 
-def read_gguf(path: str | os.PathLike) -> GGUFContents:
-    """Validate and memory-map a FLUX/Kontext transformer GGUF. See the module docstring."""
+def read_gguf(path: str | os.PathLike, *, check_arch: Callable[[Path, GGUFHeader], str] | None = None
+              ) -> GGUFContents:
+    """Validate and memory-map a FLUX/Kontext transformer GGUF. See the module docstring.
+
+    `check_arch(path, header)` replaces the FLUX architecture check for other models (e.g. a T5 encoder GGUF):
+    it returns the architecture name or raises CheckpointError."""
     path = Path(path)
     header = scan_header(path)
-    arch = _check_arch(path, header)
+    arch = (check_arch or _check_arch)(path, header)
     entries = _validate_layout(path, header)
 
     try:

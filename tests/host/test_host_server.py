@@ -14,7 +14,7 @@ from host_env import ComfyServer
 
 OUR_NODES = ["KontextNativeModelLoader", "KontextNativeGGUFLoader", "KontextNativeImageBucket",
              "KontextNativeReferenceEncoder", "KontextNativeSampler", "KontextNativeSaveConditioning",
-             "KontextNativeLoadConditioning", "KontextNativeVRAMPlan"]
+             "KontextNativeLoadConditioning", "KontextNativeVRAMPlan", "KontextNativeTextEncoderGGUFLoader"]
 
 
 @pytest.fixture(scope="module")

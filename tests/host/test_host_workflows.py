@@ -214,7 +214,7 @@ def test_pack_loads_with_all_nodes(driver):
         "KontextNativeModelLoader", "KontextNativeGGUFLoader", "KontextNativeImageBucket", "KontextNativeReferenceEncoder",
         "KontextNativeSampler", "KontextNativeSaveConditioning", "KontextNativeLoadConditioning",
         "KontextNativeVRAMPlan", "KontextNativeTinyLoader", "KontextNativeTinyPrompt", "KontextNativeTinyScene",
-        "KontextNativeKeepUnchanged"])
+        "KontextNativeKeepUnchanged", "KontextNativeTextEncoderGGUFLoader"])
 
 
 EXAMPLE = A.IMAGES["example.png"]  # placeholder images are used at their own size ('keep', see host_workflows)

@@ -220,3 +220,66 @@ def test_img2img_matches_diffusers_scale_noise_and_partial_schedule(models, step
     assert (starts[0] - start).abs().max().item() < 1e-6
     assert torch.allclose(res.sigmas, sigmas, atol=1e-6)
     assert (res.latent - want).abs().max().item() < ATOL
+
+
+# --- prompt -> edit with real-style text encoders (tiny T5 + CLIP built in the test) -----------------------------
+
+@pytest.fixture(scope="module")
+def flux_folder(models, tmp_path_factory):
+    """A complete diffusers FLUX folder (transformer/, vae/, text_encoder(_2)/, tokenizer(_2)/) and the pipeline
+    that runs it with its own tokenizers and text encoders."""
+    from diffusers import FluxKontextPipeline
+    from tiny_models import write_diffusers
+    from tiny_text_encoders import write_flux_text_folder
+
+    pipe, _, _ = models
+    root = tmp_path_factory.mktemp("flux_full")
+    write_diffusers(pipe.transformer, root)
+    pipe.vae.save_pretrained(root / "vae", safe_serialization=True)
+    _, t5, clip, ttok, ctok = write_flux_text_folder(root)
+    full = FluxKontextPipeline(scheduler=pipe.scheduler, vae=pipe.vae, text_encoder=clip, tokenizer=ctok,
+                               text_encoder_2=t5, tokenizer_2=ttok, transformer=pipe.transformer)
+    full.set_progress_bar_config(disable=True)
+    return root, full
+
+
+def test_prompt_edit_matches_pipeline_end_to_end(models, flux_folder):
+    """prompt -> our tokenizers + T5 + CLIP -> edit, vs FluxKontextPipeline(prompt=...) doing all of it itself."""
+    from kontext_core.text_encoders import load_text_encoders
+
+    _, ours, ae = models
+    root, full = flux_folder
+    prompt = "make the red car blue"
+    img = make_image(64, 48, seed=5)
+    noise = make_noise((1, 16, 6, 8), seed=9)
+    t5, pooled = load_text_encoders(root).encode(prompt)
+    res = edit(ours, ae, images=[img], prompt_embeds=t5, pooled_prompt_embeds=pooled, resize="keep", steps=STEPS,
+               guidance=2.5, noise=noise)
+    with torch.no_grad():
+        pix = full(image=img, prompt=prompt, height=48, width=64, max_area=64 * 48, _auto_resize=False,
+                   num_inference_steps=STEPS, guidance_scale=2.5, latents=tok.pack(noise), output_type="pt").images
+    d = ((res.pixels.clamp(-1, 1) + 1) / 2 - pix).abs().max().item()
+    print(f"\n[prompt edit] image max|Δ| = {d:.2e}")
+    assert d < ATOL
+
+
+def test_cli_edit_prompt_with_text_encoder_files_matches_pipeline(flux_folder, tmp_path):
+    """`edit IMAGE --prompt ... --transformer --ae --t5` (one diffusers folder for all) writes the pipeline's picture
+    (up to the PNG's 8-bit rounding)."""
+    from kontext_core.cli import main as cli
+
+    root, full = flux_folder
+    img = make_image(64, 48, seed=6)
+    img.save(tmp_path / "in.png")
+    prompt = "give the character a green hat"
+    out = tmp_path / "out.png"
+    assert cli(["edit", str(tmp_path / "in.png"), "--prompt", prompt, "--transformer", str(root), "--ae",
+                str(root / "vae"), "--t5", str(root), "--resize", "keep", "--steps", "3", "--seed", "4",
+                "--guidance", "3.0", "--out", str(out)]) == 0
+    noise = make_noise((1, 16, 6, 8), seed=4)
+    with torch.no_grad():
+        pix = full(image=img, prompt=prompt, height=48, width=64, max_area=64 * 48, _auto_resize=False,
+                   num_inference_steps=3, guidance_scale=3.0, latents=tok.pack(noise), output_type="np").images[0]
+    ref = np.round(pix * 255).clip(0, 255).astype(int)
+    got = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    assert got.shape == ref.shape and np.abs(got - ref).max() <= 1
