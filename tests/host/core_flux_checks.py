@@ -285,9 +285,51 @@ def check_core_flux_easycache(job: dict, pack_module) -> dict:
     return res
 
 
+# ------------------------------------------------------------------------------------------------ speed
+
+def check_core_flux_speed(job: dict, pack_module) -> dict:
+    """Median wall time of core KSampler (job["steps"] steps) on our MODEL and on core's, interleaved, same run
+    (benchmarks/bench_host_flux.py prints the ratio)."""
+    import statistics
+    import time
+
+    import comfy.ldm.flux.math
+    import comfy.model_management as mm
+    import torch
+
+    ours, core = _both(pack_module, job)
+    params = ours.model.diffusion_model.params
+    h, w = job["latent"]
+    g = torch.Generator().manual_seed(5)
+    ctx = torch.randn(1, job["text_tokens"], params.context_in_dim, generator=g)
+    pooled = torch.randn(1, params.vec_in_dim, generator=g)
+    ref = torch.randn(1, 16, h, w, generator=g)
+    pos = [[ctx, {"pooled_output": pooled, "guidance": 2.5, "reference_latents": [ref]}]]
+    neg = [[torch.zeros_like(ctx), {"pooled_output": torch.zeros_like(pooled)}]]
+
+    def sample(m):
+        import nodes
+        latent = {"samples": torch.zeros(1, 16, h, w)}
+        return nodes.common_ksampler(m, 1, job["steps"], 1.0, "euler", "simple", pos, neg, latent)[0]["samples"]
+
+    outs = {"ours": sample(ours), "core": sample(core)}  # warm-up, and the results compared
+    times: dict = {"ours": [], "core": []}
+    for _ in range(job["repeats"]):
+        for name, m in (("core", core), ("ours", ours)):
+            t0 = time.perf_counter()
+            sample(m)
+            times[name].append(time.perf_counter() - t0)
+    return {"success": True, "median_s": {k: statistics.median(v) for k, v in times.items()}, "times_s": times,
+            "diff": _diff(outs["ours"], outs["core"]), "threads": torch.get_num_threads(),
+            "attention": getattr(comfy.ldm.flux.math.optimized_attention, "__name__", "?"),
+            "device": str(mm.get_torch_device()), "hidden": params.hidden_size,
+            "blocks": [params.depth, params.depth_single_blocks]}
+
+
 def checks(pack_module) -> dict:
     """name -> check(job) for comfy_driver.CHECKS."""
     return {name: (lambda job, f=f: f(job, pack_module)) for name, f in (
         ("core_flux_patches", check_core_flux_patches),
         ("core_flux_controlnet", check_core_flux_controlnet),
-        ("core_flux_easycache", check_core_flux_easycache))}
+        ("core_flux_easycache", check_core_flux_easycache),
+        ("core_flux_speed", check_core_flux_speed))}
