@@ -10,7 +10,8 @@ from torch import Tensor, nn
 
 from .. import tokens as tok
 from .attention import AttentionFn, RopeEmbedder, sdpa
-from .layers import DoubleStreamBlock, LastLayer, MLPEmbedder, SingleStreamBlock, timestep_embedding
+from .layers import (DoubleStreamBlock, LastLayer, MLPEmbedder, SingleStreamBlock, keep_fp16_finite,
+                     timestep_embedding)
 
 
 @dataclass
@@ -134,7 +135,7 @@ class Flux(nn.Module):
             else:
                 img, txt = h.double_block(i, _bound(block, attn_fn), img, txt, vec, pe)
         n_txt = txt.shape[1]
-        x = torch.cat((txt, img), dim=1)
+        x = torch.cat((txt, keep_fp16_finite(img)), dim=1)
         for i, block in enumerate(self.single_blocks):
             if h.single_block is None:
                 x = block(x, vec, pe, attn_fn)

@@ -29,6 +29,17 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, time_fa
     return emb
 
 
+FP16_MAX = 65504.0
+
+
+def keep_fp16_finite(x: Tensor) -> Tensor:
+    """In fp16 the text stream of FLUX can overflow; clamp ±inf to the fp16 range (NaN to 0) so one overflowing
+    activation does not turn the whole output into NaN. A no-op in other dtypes."""
+    if x.dtype != torch.float16:
+        return x
+    return torch.nan_to_num(x, nan=0.0, posinf=FP16_MAX, neginf=-FP16_MAX)
+
+
 class MLPEmbedder(nn.Module):
     def __init__(self, in_dim: int, hidden_dim: int, operations=nn, dtype=None, device=None):
         super().__init__()
@@ -146,7 +157,7 @@ class DoubleStreamBlock(nn.Module):
         img = torch.addcmul(img, img_mod2.gate, self.img_mlp(img_mod2.apply(self.img_norm2(img))))
         txt = torch.addcmul(txt, txt_mod1.gate, self.txt_attn.proj(txt_attn))
         txt = torch.addcmul(txt, txt_mod2.gate, self.txt_mlp(txt_mod2.apply(self.txt_norm2(txt))))
-        return img, txt
+        return img, keep_fp16_finite(txt)
 
 
 class SingleStreamBlock(nn.Module):
@@ -175,7 +186,7 @@ class SingleStreamBlock(nn.Module):
         q, k = self.norm(q, k, v)
         attn = attention(q, k, v, pe, attn_fn or self.attn_fn)
         out = self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=2))
-        return torch.addcmul(x, mod.gate, out)
+        return keep_fp16_finite(torch.addcmul(x, mod.gate, out))
 
 
 class LastLayer(nn.Module):
