@@ -2,7 +2,9 @@
 
     KontextNativeDiT     the engine's `Flux`, built from ComfyUI's `operations` (casting Linear layers that
                          `ModelPatcher` can switch to per-use casting when it loads a model partially), with
-                         `forward` in ComfyUI's diffusion-model call convention.
+                         `forward` in ComfyUI's diffusion-model call convention and the host mechanisms core's
+                         Flux honours: ComfyUI's attention function, `patches_replace["dit"]` block patches,
+                         `post_input` patches, ControlNet residuals and attention masks (see `host_hooks`).
     KontextNativeFlux    a `comfy.model_base.Flux` whose diffusion model is KontextNativeDiT: ComfyUI's own
                          conditioning (pooled output, guidance, `reference_latents` -> `ref_latents`), latent
                          format and flow-matching sampling apply, so core KSampler / ReferenceLatent /
@@ -22,6 +24,8 @@ import os
 import torch
 
 import comfy.latent_formats
+import comfy.ldm.flux.math
+import comfy.ldm.modules.attention
 import comfy.model_base
 import comfy.model_management as mm
 import comfy.model_patcher
@@ -32,7 +36,7 @@ import folder_paths
 
 from kontext_core.errors import CheckpointError
 from kontext_core.model.flux import Flux as EngineFlux
-from kontext_core.model.flux import FluxParams
+from kontext_core.model.flux import FluxParams, ForwardHooks
 from kontext_core.weights.loader import Checkpoint
 
 from . import logic, model_sources
@@ -59,7 +63,6 @@ class KontextNativeDiT(EngineFlux):
         super().__init__(params, operations=operations or comfy.ops.disable_weight_init, dtype=dtype, device=device)
         self.dtype = dtype
         self.patch_size = 2  # read by comfy.model_base.Flux (concat_cond, attention masks)
-        self._warned_control = False
 
     def forward(self, x, timestep, context, y=None, guidance=None, ref_latents=None, control=None,
                 transformer_options={}, **kwargs):
@@ -70,14 +73,93 @@ class KontextNativeDiT(EngineFlux):
 
     def _forward_comfy(self, x, timestep, context, y=None, guidance=None, ref_latents=None, control=None,
                        transformer_options={}, **kwargs):
-        if control is not None and not self._warned_control:
-            log.warning("Kontext native model: ControlNet inputs are not supported and are ignored.")
-            self._warned_control = True
         if y is None:
             y = torch.zeros(x.shape[0], self.params.vec_in_dim, device=x.device, dtype=x.dtype)
         layout = logic.normalize_layout(kwargs.get("ref_latents_method", "offset"))
         refs = list(ref_latents) if ref_latents is not None else []
-        return self.forward_latent(x, timestep, context, y[:, :self.params.vec_in_dim], guidance, refs, layout)
+        hooks = host_hooks(transformer_options, control, kwargs.get("attention_mask"))
+        return self.forward_latent(x, timestep, context, y[:, :self.params.vec_in_dim], guidance, refs, layout,
+                                   hooks=hooks)
+
+
+# ------------------------------------------------------------------------------------ host mechanisms, per call
+
+def host_attention(transformer_options: dict, mask=None):
+    """The engine's attention hook calling the function core's Flux calls, as core calls it: whatever
+    `--use-sage-attention` / `--use-flash-attention` / xformers / PyTorch chose at start-up or a pack patched in
+    since, with `transformer_options` so `optimized_attention_override` applies. Looked up per forward, not
+    at import, so later patches are seen."""
+    fn = getattr(comfy.ldm.flux.math, "optimized_attention", None) or comfy.ldm.modules.attention.optimized_attention
+
+    def attn(q, k, v):
+        return fn(q, k, v, q.shape[1], skip_reshape=True, mask=mask, transformer_options=transformer_options)
+    return attn
+
+
+def host_hooks(transformer_options: dict, control=None, attn_mask=None) -> ForwardHooks:
+    """ForwardHooks with core Flux's semantics for this call. Only what the call uses is installed, so a plain
+    call runs the engine's own block loop.
+
+    - `patches_replace["dit"][("double_block", i)]` / `[("single_block", i)]`: called with core's args dict
+      ({"img", "txt", "vec", "pe", "attn_mask", "transformer_options"}; single blocks get the joint tokens as
+      "img") and {"original_block": ...}; they return {"img", "txt"} / {"img"}. "pe" is the engine's RoPE
+      tensor (complex), which patches pass on to the original block.
+    - `patches["post_input"]`: each gets and returns {"img", "txt", "img_ids", "txt_ids"} after the input layers.
+    - ControlNet: control["input"][i] is added to the first image tokens after double block i,
+      control["output"][i] to the image tokens after single block i (after any patch of that block).
+    """
+    patches = transformer_options.get("patches", {})
+    replace = transformer_options.get("patches_replace", {}).get("dit", {})
+    post = patches.get("post_input") or []
+    c_in = (control or {}).get("input") or ()
+    c_out = (control or {}).get("output") or ()
+    attn_fn = host_attention(transformer_options, attn_mask)
+    hooks = ForwardHooks(attn_fn=attn_fn)
+    if post:
+        def post_input(img, txt, img_ids, txt_ids):
+            for p in post:
+                out = p({"img": img, "txt": txt, "img_ids": img_ids, "txt_ids": txt_ids})
+                img, txt, img_ids, txt_ids = out["img"], out["txt"], out["img_ids"], out["txt_ids"]
+            return img, txt, img_ids, txt_ids
+        hooks.post_input = post_input
+
+    def args_attention(args):
+        return host_attention(args.get("transformer_options") or transformer_options, args.get("attn_mask"))
+
+    if c_in or any(k[0] == "double_block" for k in replace):
+        def double_block(i, run, img, txt, vec, pe):
+            patch = replace.get(("double_block", i))
+            if patch is None:
+                img, txt = run(img, txt, vec, pe)
+            else:
+                def original(args):
+                    o_img, o_txt = run(args["img"], args["txt"], args["vec"], args["pe"], attn_fn=args_attention(args))
+                    return {"img": o_img, "txt": o_txt}
+                out = patch({"img": img, "txt": txt, "vec": vec, "pe": pe, "attn_mask": attn_mask,
+                             "transformer_options": transformer_options}, {"original_block": original})
+                img, txt = out["img"], out["txt"]
+            add = c_in[i] if i < len(c_in) else None
+            if add is not None:
+                img[:, :add.shape[1]] += add
+            return img, txt
+        hooks.double_block = double_block
+
+    if c_out or any(k[0] == "single_block" for k in replace):
+        def single_block(i, run, x, vec, pe, n_txt):
+            patch = replace.get(("single_block", i))
+            if patch is None:
+                x = run(x, vec, pe)
+            else:
+                def original(args):
+                    return {"img": run(args["img"], args["vec"], args["pe"], attn_fn=args_attention(args))}
+                x = patch({"img": x, "vec": vec, "pe": pe, "attn_mask": attn_mask,
+                           "transformer_options": transformer_options}, {"original_block": original})["img"]
+            add = c_out[i] if i < len(c_out) else None
+            if add is not None:
+                x[:, n_txt:n_txt + add.shape[1]] += add
+            return x
+        hooks.single_block = single_block
+    return hooks
 
 
 class KontextNativeFlux(comfy.model_base.Flux):

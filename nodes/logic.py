@@ -168,6 +168,10 @@ def prompt_parts(cond, what: str = "positive") -> PromptParts:
                          "ranges); the Kontext sampler takes a single prompt. Use one text encoder output, or "
                          "KSampler for combined conditioning.")
     emb, opts = cond[0][0], cond[0][1]
+    if opts.get("control") is not None:
+        raise InputError(f"{what} conditioning carries a ControlNet (Apply ControlNet); the Kontext sampler does not "
+                         "run ControlNets. Sample this MODEL with core KSampler / SamplerCustom, which apply it, or "
+                         "remove the ControlNet.")
     pooled = opts.get("pooled_output")
     if pooled is None:
         raise InputError(f"{what} conditioning has no pooled CLIP output; encode the prompt with CLIPTextEncode "

@@ -8,7 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (B,H,L,D) x3 -> (B,H,L,D)
+AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+"""attn_fn(q, k, v) -> out. q, k, v: (B, H, L, D) in the compute dtype, already QK-normed and rotated; out:
+(B, L, H*D), heads merged in head order. Any backend computing softmax(q kᵀ / sqrt(D)) v over all tokens fits
+(a host's own kernel, a masked or patched variant); the default is PyTorch's SDPA."""
 
 
 def rope_frequencies(pos: Tensor, dim: int, theta: int) -> Tensor:
@@ -52,11 +55,9 @@ def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
 
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    return F.scaled_dot_product_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, attn_fn: AttentionFn = sdpa) -> Tensor:
-    """RoPE on q and k, attention over all tokens (no mask), heads merged: -> (B, L, H*D)."""
-    q, k = apply_rope(q, pe), apply_rope(k, pe)
-    x = attn_fn(q, k, v)
-    return x.transpose(1, 2).flatten(2)
+    """RoPE on q and k, then `attn_fn` over all tokens: -> (B, L, H*D)."""
+    return attn_fn(apply_rope(q, pe), apply_rope(k, pe), v)

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .. import tokens as tok
 from .attention import AttentionFn, RopeEmbedder, sdpa
-from .layers import DoubleStreamBlock, LastLayer, MLPEmbedder, SingleStreamBlock, timestep_embedding
+from .layers import (DoubleStreamBlock, LastLayer, MLPEmbedder, SingleStreamBlock, keep_fp16_finite,
+                     timestep_embedding)
 
 
 @dataclass
@@ -48,6 +49,26 @@ class FluxParams:
 
 
 KONTEXT_DEV = FluxParams()
+
+
+@dataclass
+class ForwardHooks:
+    """Per-call extension points of `Flux.forward_tokens` for a host (caching, adapters, ControlNet, its own
+    attention kernel). Every field is optional; a field left None costs nothing.
+
+    attn_fn       the attention for this call (signature: attention.AttentionFn), instead of the blocks' own.
+    post_input    (img, txt, img_ids, txt_ids) -> the same four, after the input projections, before RoPE.
+    double_block  (index, run, img, txt, vec, pe) -> (img, txt) runs double block `index`; `run(img, txt, vec,
+                  pe, attn_fn=None)` is the block itself (with this call's attn_fn unless one is given).
+    single_block  (index, run, x, vec, pe, n_txt) -> x for single block `index`; x is [text ‖ image] tokens,
+                  the first n_txt of them text; `run(x, vec, pe, attn_fn=None)` is the block.
+    `pe` is the engine's RoPE (complex rotations, see attention.RopeEmbedder); hooks pass it on unchanged.
+    """
+
+    attn_fn: AttentionFn | None = None
+    post_input: Callable | None = None
+    double_block: Callable | None = None
+    single_block: Callable | None = None
 
 
 class Flux(nn.Module):
@@ -95,28 +116,49 @@ class Flux(nn.Module):
         return self.forward_tokens(img, img_ids, txt, txt_ids, timesteps, y, guidance)
 
     def forward_tokens(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor,
-                       y: Tensor, guidance: Tensor | None = None) -> Tensor:
+                       y: Tensor, guidance: Tensor | None = None, hooks: ForwardHooks | None = None) -> Tensor:
         """The DiT on packed tokens. Hosts may override `forward` with their own call convention (ComfyUI's
-        adapter does); `forward_latent` always goes through this method."""
+        adapter does); `forward_latent` always goes through this method. `hooks`: see ForwardHooks."""
         if img.ndim != 3 or txt.ndim != 3:
             raise ValueError(f"img and txt must be (B, L, C) token tensors, got {tuple(img.shape)} and {tuple(txt.shape)}")
+        h = hooks or _NO_HOOKS
+        attn_fn = h.attn_fn
         img = self.img_in(img)
         vec = self.embed_vector(timesteps, y, guidance, img.dtype)
         txt = self.txt_in(txt.to(img.dtype))
+        if h.post_input is not None:
+            img, txt, img_ids, txt_ids = h.post_input(img, txt, img_ids, txt_ids)
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
-        for block in self.double_blocks:
-            img, txt = block(img, txt, vec, pe)
-        x = torch.cat((txt, img), dim=1)
-        for block in self.single_blocks:
-            x = block(x, vec, pe)
-        return self.final_layer(x[:, txt.shape[1]:], vec)
+        for i, block in enumerate(self.double_blocks):
+            if h.double_block is None:
+                img, txt = block(img, txt, vec, pe, attn_fn)
+            else:
+                img, txt = h.double_block(i, _bound(block, attn_fn), img, txt, vec, pe)
+        n_txt = txt.shape[1]
+        x = torch.cat((txt, keep_fp16_finite(img)), dim=1)
+        for i, block in enumerate(self.single_blocks):
+            if h.single_block is None:
+                x = block(x, vec, pe, attn_fn)
+            else:
+                x = h.single_block(i, _bound(block, attn_fn), x, vec, pe, n_txt)
+        return self.final_layer(x[:, n_txt:], vec)
 
     def forward_latent(self, x: Tensor, timestep: Tensor, context: Tensor, y: Tensor,
                        guidance: Tensor | None = None, references: Sequence[Tensor] = (),
-                       layout: str = "offset") -> Tensor:
+                       layout: str = "offset", hooks: ForwardHooks | None = None) -> Tensor:
         """Velocity for an unpacked target latent (B, 16, H, W) with context latents appended as Kontext tokens."""
         b, _, h, w = x.shape
         img, img_ids, n_target = tok.kontext_tokens(x, references, layout)
         txt_ids = tok.text_ids(b, context.shape[1], device=x.device)
-        out = self.forward_tokens(img, img_ids, context, txt_ids, timestep, y, guidance)
+        out = self.forward_tokens(img, img_ids, context, txt_ids, timestep, y, guidance, hooks)
         return tok.unpack(out[:, :n_target], h, w)
+
+
+_NO_HOOKS = ForwardHooks()
+
+
+def _bound(block: nn.Module, attn_fn: AttentionFn | None):
+    """The block as a hook sees it: called with this forward's attention unless the hook passes another."""
+    def run(*args, attn_fn: AttentionFn | None = attn_fn):
+        return block(*args, attn_fn=attn_fn)
+    return run

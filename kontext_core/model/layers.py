@@ -29,6 +29,17 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, time_fa
     return emb
 
 
+FP16_MAX = 65504.0
+
+
+def keep_fp16_finite(x: Tensor) -> Tensor:
+    """In fp16 the text stream of FLUX can overflow; clamp ±inf to the fp16 range (NaN to 0) so one overflowing
+    activation does not turn the whole output into NaN. A no-op in other dtypes."""
+    if x.dtype != torch.float16:
+        return x
+    return torch.nan_to_num(x, nan=0.0, posinf=FP16_MAX, neginf=-FP16_MAX)
+
+
 class MLPEmbedder(nn.Module):
     def __init__(self, in_dim: int, hidden_dim: int, operations=nn, dtype=None, device=None):
         super().__init__()
@@ -135,7 +146,9 @@ class DoubleStreamBlock(nn.Module):
         q, k = attn.norm(q, k, v)
         return q, k, v
 
-    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor,
+                attn_fn: AttentionFn | None = None) -> tuple[Tensor, Tensor]:
+        """`attn_fn` replaces the block's attention function for this call."""
         img_mod1, img_mod2 = self.img_mod(vec)
         txt_mod1, txt_mod2 = self.txt_mod(vec)
         img_q, img_k, img_v = self._qkv(img, img_mod1, self.img_norm1, self.img_attn)
@@ -145,7 +158,7 @@ class DoubleStreamBlock(nn.Module):
         q = torch.cat((txt_q, img_q), dim=2)
         k = torch.cat((txt_k, img_k), dim=2)
         v = torch.cat((txt_v, img_v), dim=2)
-        attn = attention(q, k, v, pe, self.attn_fn)
+        attn = attention(q, k, v, pe, attn_fn or self.attn_fn)
         n_txt = txt.shape[1]
         txt_attn, img_attn = attn[:, :n_txt], attn[:, n_txt:]
 
@@ -153,7 +166,7 @@ class DoubleStreamBlock(nn.Module):
         img = torch.addcmul(img, img_mod2.gate, self.img_mlp(img_mod2.apply(self.img_norm2(img))))
         txt = torch.addcmul(txt, txt_mod1.gate, self.txt_attn.proj(txt_attn))
         txt = torch.addcmul(txt, txt_mod2.gate, self.txt_mlp(txt_mod2.apply(self.txt_norm2(txt))))
-        return img, txt
+        return img, keep_fp16_finite(txt)
 
 
 class SingleStreamBlock(nn.Module):
@@ -174,15 +187,15 @@ class SingleStreamBlock(nn.Module):
         self.mlp_act = nn.GELU(approximate="tanh")
         self.modulation = Modulation(hidden_size, False, operations, **kw)
 
-    def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
+    def forward(self, x: Tensor, vec: Tensor, pe: Tensor, attn_fn: AttentionFn | None = None) -> Tensor:
         mod, _ = self.modulation(vec)
         qkv, mlp = torch.split(self.linear1(mod.apply(self.pre_norm(x))),
                                [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
         q, k, v = split_heads(qkv, self.num_heads)
         q, k = self.norm(q, k, v)
-        attn = attention(q, k, v, pe, self.attn_fn)
+        attn = attention(q, k, v, pe, attn_fn or self.attn_fn)
         out = self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=2))
-        return torch.addcmul(x, mod.gate, out)
+        return keep_fp16_finite(torch.addcmul(x, mod.gate, out))
 
 
 class LastLayer(nn.Module):

@@ -5,7 +5,8 @@ Started by tests/host (with ComfyUI's interpreter, cwd = the ComfyUI checkout):
     python comfy_driver.py --comfyui COMFYUI_PATH --base BASE_DIR --jobs jobs.json --out results.json
 
 BASE_DIR is a `--base-directory` with custom_nodes/<pack> (a link to this repository) and tiny models. Each job
-is {"name", "prompt", "mode"} (or {"name", "check", ...}: one of the direct checks in CHECKS); modes:
+is {"name", "prompt", "mode"} (or {"name", "check", ...}: one of the direct checks in CHECKS, some of them in
+core_flux_checks.py); modes:
     normal     validate_prompt + PromptExecutor.execute, as the /prompt queue worker does;
     lowvram    the same, with ComfyUI's NO_VRAM loading forced for our model (see `watch_loads`);
     budget     the same, with a weight budget of job["budget"] x the model size (partial loading, a mix);
@@ -231,6 +232,9 @@ def check_gguf_lora_lifecycle(job: dict) -> dict:
 
 
 CHECKS = {"gguf_lora_lifecycle": check_gguf_lora_lifecycle}
+import core_flux_checks  # noqa: E402  (torch-free at import; our MODEL vs core's Flux)
+
+CHECKS.update(core_flux_checks.checks(_pack_module))
 
 
 def run_job(job: dict) -> dict:

@@ -191,6 +191,8 @@ def test_prompt_parts_errors():
         logic.prompt_parts([[torch.randn(1, 8, 32), {}]])
     with pytest.raises(InputError, match="2 entries"):
         logic.prompt_parts(cond() + cond())
+    with pytest.raises(InputError, match="ControlNet.*core KSampler"):
+        logic.prompt_parts(cond(control=object()))
     with pytest.raises(InputError, match="empty"):
         logic.prompt_parts(None, "negative")
     with pytest.raises(InputError, match=r"\(B, L, C\)"):
