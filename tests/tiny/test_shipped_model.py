@@ -16,10 +16,10 @@ from kontext_core.tiny.spec import AE_PARAMS, DIT_PARAMS
 from kontext_core.weights.ae_layout import load_autoencoder
 from kontext_core.weights.loader import load_transformer, read_transformer
 
-# Measured with the shipped weights at DEFAULT_STEPS on the 18 demo triples: 5 (see MODEL_CARD.md; random
-# outputs and unedited contexts give 0). The guard allows a flip or two from platform numerics but catches a
+# Measured with the shipped weights at DEFAULT_STEPS on the 18 demo triples: 10 (see MODEL_CARD.md; random
+# outputs and unedited contexts give 0). The guard allows a few flips from platform numerics but catches a
 # broken model, loader or sampler.
-MIN_DEMO_SUCCESSES = 3
+MIN_DEMO_SUCCESSES = 7
 
 
 @pytest.fixture(scope="module")
