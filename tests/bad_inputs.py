@@ -631,7 +631,7 @@ def _long_prompt(f: Files):
 
 
 def _flux_gguf(f: Files) -> Path:
-    from kontext_core.quant.gguf_quantize import convert_to_gguf
+    from kontext_core.weights.gguf_convert import convert_to_gguf
     return f.once("flux_gguf", lambda: convert_to_gguf(f.transformer(), f.dir / "kontext-small-Q8_0.gguf", "Q8_0")
                   or f.dir / "kontext-small-Q8_0.gguf")
 
