@@ -114,10 +114,10 @@ MIN_SIZES = {
     "Note": (210, 88), "KontextNativeModelLoader": (215, 82), "KontextNativeGGUFLoader": (217, 82),
     "DualCLIPLoader": (210, 130), "VAELoader": (210, 58), "LoadImage": (214, 326),
     "KontextNativeImageBucket": (210, 98), "CLIPTextEncode": (210, 88), "KontextNativeReferenceEncoder": (210, 118),
-    "KontextNativeSampler": (210, 358), "KontextNativeKeepUnchanged": (240, 190), "VAEDecode": (140, 46), "VAEEncode": (140, 46), "PreviewImage": (140, 26),
+    "KontextNativeSampler": (210, 358), "KontextNativeKeepUnchanged": (210, 190), "VAEDecode": (140, 46), "VAEEncode": (140, 46), "PreviewImage": (140, 26),
     "SaveImage": (210, 58), "FluxKontextImageScale": (188, 26), "ReferenceLatent": (198, 46),
     "FluxGuidance": (210, 58), "ConditioningZeroOut": (198, 26), "KSampler": (210, 262),
-    "KontextNativeTinyLoader": (225, 66), "KontextNativeTinyPrompt": (210, 88), "KontextNativeTinyScene": (210, 82),
+    "KontextNativeTinyLoader": (153, 66), "KontextNativeTinyPrompt": (210, 88), "KontextNativeTinyScene": (210, 126),
 }
 # The size used when a workflow asks for none: roomier than the minimum where text or images are shown.
 DEFAULT_SIZES = {
@@ -127,7 +127,7 @@ DEFAULT_SIZES = {
     "KontextNativeSampler": (320, 358), "KontextNativeKeepUnchanged": (320, 190), "VAEDecode": (200, 46), "VAEEncode": (200, 46), "PreviewImage": (320, 320),
     "SaveImage": (400, 420), "FluxKontextImageScale": (270, 26), "ReferenceLatent": (200, 46),
     "FluxGuidance": (280, 58), "ConditioningZeroOut": (240, 26), "KSampler": (320, 262),
-    "KontextNativeTinyLoader": (300, 66), "KontextNativeTinyPrompt": (340, 120), "KontextNativeTinyScene": (300, 82),
+    "KontextNativeTinyLoader": (300, 66), "KontextNativeTinyPrompt": (340, 120), "KontextNativeTinyScene": (300, 126),
 }
 # Loader widgets naming files to download: their values go into the node's properties.models.
 FILE_WIDGETS = {"KontextNativeModelLoader": ["model_name"], "KontextNativeGGUFLoader": ["gguf_name"],

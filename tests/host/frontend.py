@@ -134,10 +134,14 @@ def fit_view(page) -> None:
     time.sleep(0.5)
 
 
-def run_and_read_error(page) -> str:
-    """Press Run; the text of the dialog(s) the frontend shows for a rejected prompt."""
+def press_run(page) -> None:
     close_dialogs(page)
     page.locator('[data-testid="queue-button"]').get_by_role("button", name="Run", exact=True).click()
+
+
+def run_and_read_error(page) -> str:
+    """Press Run; the text of the dialog(s) the frontend shows for a rejected prompt."""
+    press_run(page)
     page.wait_for_function("() => document.querySelectorAll('.p-dialog').length > 0")
     time.sleep(0.5)
     return "\n".join(dialog_texts(page))
