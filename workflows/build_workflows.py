@@ -369,6 +369,8 @@ def _latent_chain(g: Graph, model: int, clip: int, vae: int, prompts: list[str],
         g.link(clip, 0, text, "clip")
         ref = g.add("KontextNativeReferenceEncoder", col, {"layout": "offset"}, title=f"Reference (turn {turn + 1})")
         g.link(text, 0, ref, "conditioning")
+        widgets = _sampler_widgets(turn) if steps is None else _sampler_widgets(turn, steps=steps)
+        sampler = g.add("KontextNativeSampler", col, widgets, title=f"Kontext Sampler (turn {turn + 1})")
         keep = g.add("KontextNativeKeepUnchanged", col, KEEP_WIDGETS, title=f"Keep Unchanged (turn {turn + 1})")
         if prev is None:
             g.link(vae, 0, ref, "vae")
@@ -377,8 +379,6 @@ def _latent_chain(g: Graph, model: int, clip: int, vae: int, prompts: list[str],
         else:
             g.link(prev, 0, ref, "latent")
             g.link(prev, 0, keep, "previous")
-        widgets = _sampler_widgets(turn) if steps is None else _sampler_widgets(turn, steps=steps)
-        sampler = g.add("KontextNativeSampler", col, widgets, title=f"Kontext Sampler (turn {turn + 1})")
         g.link(model, 0, sampler, "model")
         g.link(ref, 0, sampler, "positive")
         g.link(sampler, 0, keep, "samples")
