@@ -220,8 +220,6 @@ def encode_prompt_with_files(args):
 
 def _load_edit_models(args):
     """(transformer, ae, prompt_embeds, pooled, image size or None): Kontext-Tiny unless real files are given."""
-    import torch
-
     from .conditioning import load_embeddings
     from .weights.ae_layout import load_autoencoder
     from .weights.loader import load_transformer
@@ -252,14 +250,20 @@ def _load_edit_models(args):
 
     if not args.prompt:
         raise KontextError("give the edit as --prompt, e.g. --prompt \"make the red circle blue\"")
+    models, [(embeds, pooled)] = _tiny_with_prompts([args.prompt])
+    return models.transformer, models.ae, embeds, pooled, (tiny.IMAGE_SIZE, tiny.IMAGE_SIZE)
+
+
+def _tiny_with_prompts(prompts: list[str]):
+    """Kontext-Tiny and (prompt_embeds, pooled) per prompt; words it never learned are named in a warning."""
+    from . import tiny
+
     models = tiny.load()
-    unknown = models.text_encoder.tokenizer.unknown_words(args.prompt)
+    unknown = models.text_encoder.tokenizer.unknown_words(" ".join(prompts))
     if unknown:
         print(f"warning: Kontext-Tiny does not know the words {unknown}; it understands the edits of its training "
               f"task (see kontext_core/tiny/weights/MODEL_CARD.md)", file=sys.stderr)
-    with torch.no_grad():
-        embeds, pooled = models.encode_prompt([args.prompt])
-    return models.transformer, models.ae, embeds, pooled, (tiny.IMAGE_SIZE, tiny.IMAGE_SIZE)
+    return models, [models.encode_prompt([p]) for p in prompts]
 
 
 def cmd_edit(args) -> int:
@@ -313,20 +317,14 @@ def _chain_models(args):
         raise KontextError("--embeds goes with --transformer and --ae; Kontext-Tiny takes the turns as --prompt")
     if not args.prompt:
         raise KontextError("give each turn as --prompt, e.g. --prompt \"make the circle blue\" --prompt \"remove the star\"")
-    models = tiny.load()
-    unknown = models.text_encoder.tokenizer.unknown_words(" ".join(args.prompt))
-    if unknown:
-        print(f"warning: Kontext-Tiny does not know the words {unknown}", file=sys.stderr)
-    return models.transformer, models.ae, [models.encode_prompt([p]) for p in args.prompt], \
-        (tiny.IMAGE_SIZE, tiny.IMAGE_SIZE)
+    models, turns = _tiny_with_prompts(args.prompt)
+    return models.transformer, models.ae, turns, (tiny.IMAGE_SIZE, tiny.IMAGE_SIZE)
 
 
 def cmd_chain(args) -> int:
     """Several edits in a row; each turn edits the previous turn's latent (no decode/encode in between). anchored
     (default): `EditChain` keeps the original wherever no turn has edited; latents: the plain latent hand-over."""
     from pathlib import Path
-
-    import torch
 
     from .chain import EditChain
     from .images import open_image, prepare_image, tensor_to_pil
